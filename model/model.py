@@ -1,0 +1,56 @@
+"""Truss entry point: builds the settings and the engine, and routes calls to them.
+
+Every method takes the raw request only (no parsed `inputs`): that makes the truss server
+skip its own JSON parsing on all routes, so a malformed body gets an OpenAI-shaped error
+from us rather than truss's generic one. Everything else lives in `packages/truss_llm`.
+"""
+
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+from truss_llm.engine import Engine
+from truss_llm.metrics import register_engine_metrics
+from truss_llm.openai_surface import OpenAISurface
+from truss_llm.settings import resolve_settings
+
+
+class Model:
+    def __init__(self, config: dict[str, Any], data_dir: Path, secrets: Any = None,
+                 environment: dict[str, Any] | None = None, **_: Any) -> None:
+        self._config = config
+        self._data_dir = Path(data_dir)
+        self._secrets = secrets
+        self._engine: Engine | None = None
+        self._surface: OpenAISurface | None = None
+
+    def load(self) -> None:
+        token = _secret(self._secrets, "hf_access_token")
+        if token:  # only used when model_path names a hub repo instead of mounted weights
+            os.environ.setdefault("HF_TOKEN", token)
+        settings = resolve_settings(self._config, self._data_dir)
+        self._engine = Engine(settings)
+        self._surface = OpenAISurface(self._engine)
+        self._engine.start()
+        register_engine_metrics(self._engine)
+
+    async def is_healthy(self) -> bool:
+        return self._engine is not None and await self._engine.is_healthy()
+
+    async def predict(self, request: Request) -> Response:
+        return await self._surface.predict(request)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._surface.chat_completions(request)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._surface.completions(request)
+
+
+def _secret(secrets: Any, name: str) -> str | None:
+    try:
+        return secrets[name] if secrets is not None else None
+    except Exception:  # truss raises for a secret that is declared but not provided
+        return None

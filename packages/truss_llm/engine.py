@@ -1,0 +1,145 @@
+"""The vLLM engine's lifecycle: start, first-use set-up, health, shutdown.
+
+`start()` runs in truss's load thread, which has no event loop: creating `AsyncLLM` there is
+fine (it attaches to the server's loop on first use), but its async work must not run there
+(`asyncio.run` would leave its tasks tied to a dead loop). So everything async, including a
+one-token warm-up generation that proves the engine can generate, happens once on the
+server's loop, under a lock, the first time readiness is probed or a request arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from truss_llm.settings import EngineSettings
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def configure_vllm_environment(settings: EngineSettings) -> None:
+    """Environment vLLM reads at import time; must run before the first `import vllm`."""
+    os.environ["VLLM_ENFORCE_STRICT_TOOL_CALLING"] = (
+        "1" if settings.enforce_strict_tool_calling else "0")
+    if settings.is_cpu:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def engine_args(settings: EngineSettings):  # -> AsyncEngineArgs, imported lazily
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    optional = {
+        "max_model_len": settings.max_model_len,
+        "kv_cache_memory_bytes": settings.kv_cache_memory_bytes,
+        "max_num_seqs": settings.max_num_seqs,
+        "enable_prefix_caching": settings.enable_prefix_caching,
+    }
+    return AsyncEngineArgs(
+        model=settings.model_path,
+        served_model_name=[settings.served_model_name],
+        dtype=settings.dtype,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        enforce_eager=settings.enforce_eager,
+        seed=settings.seed,
+        structured_outputs_config={
+            "backend": settings.structured_outputs_backend,
+            "disable_any_whitespace": settings.disable_any_whitespace,
+        },
+        distributed_executor_backend="uni" if settings.is_cpu else None,
+        **{name: value for name, value in optional.items() if value is not None},
+    )
+
+
+class Engine:
+    """One in-process `AsyncLLM` and the serving state built on it."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self._client: AsyncLLM | None = None
+        self._ready = False
+        self._setup_lock: asyncio.Lock | None = None
+        self._on_ready: list = []
+
+    @property
+    def client(self) -> AsyncLLM:
+        if self._client is None:
+            raise RuntimeError("engine not started")
+        return self._client
+
+    def start(self) -> None:
+        """Build the engine (blocking; seconds on a CPU, minutes for big GPU weights)."""
+        configure_vllm_environment(self.settings)
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        started = time.perf_counter()
+        self._client = AsyncLLM.from_engine_args(
+            engine_args(self.settings), usage_context=UsageContext.OPENAI_API_SERVER)
+        # The truss server has no shutdown hook: without this the EngineCore outlives us.
+        atexit.register(self.shutdown)
+        logger.info("vLLM engine for %s built in %.1f s", self.settings.served_model_name,
+                    time.perf_counter() - started)
+
+    def on_ready(self, setup) -> None:
+        """Register an async callable run once on the server loop before the first request."""
+        self._on_ready.append(setup)
+
+    async def ensure_ready(self) -> None:
+        """Finish set-up on the server's loop (idempotent) and prove one token generates."""
+        if self._ready:
+            return
+        if self._setup_lock is None:
+            self._setup_lock = asyncio.Lock()
+        async with self._setup_lock:
+            if self._ready:
+                return
+            started = time.perf_counter()
+            for setup in self._on_ready:
+                await setup(self.client)
+            await self._generate_one_token()
+            self._ready = True
+            logger.info("engine ready to serve (first-use set-up %.1f s)",
+                        time.perf_counter() - started)
+
+    async def _generate_one_token(self) -> None:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        async for _ in self.client.generate("warm-up", params, f"warmup-{uuid.uuid4().hex}"):
+            pass
+
+    @property
+    def alive(self) -> bool:
+        return self._client is not None and not self._client.errored
+
+    async def is_healthy(self) -> bool:
+        """Ready once the engine has generated; false for good once it has died."""
+        if not self.alive:
+            return False
+        try:
+            await self.ensure_ready()
+            await self.client.check_health()
+        except Exception:
+            logger.exception("engine health check failed")
+            return False
+        return True
+
+    def unfinished_requests(self) -> int:
+        return 0 if self._client is None else self._client.get_num_unfinished_requests()
+
+    def shutdown(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            logger.info("shutting down the vLLM engine")
+            client.shutdown(timeout=SHUTDOWN_TIMEOUT_S)

@@ -1,0 +1,93 @@
+"""Errors a client can act on, in the shape of the route that produced them.
+
+OpenAI routes answer `{"error": {"message", "type", "param", "code"}}`, Baseten's predict
+route answers `{"error": "<message>"}` as the truss server itself does. Either way the
+status code is returned as a `Response` rather than raised: the truss server turns any
+exception from model code into a 500, so a user's mistake must never leave as one.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+import pydantic
+from fastapi.responses import JSONResponse
+
+logger = logging.getLogger(__name__)
+
+MAX_REPORTED_VALIDATION_ERRORS = 5
+
+
+class RequestError(Exception):
+    """A request the client must fix; carries the status and the parameter at fault."""
+
+    def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = int(status)
+        self.param = param
+
+
+def _error_type(status: int) -> str:
+    """OpenAI's error types by status, as its SDK and server spell them."""
+    return {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        413: "invalid_request_error",
+        422: "invalid_request_error",
+        429: "rate_limit_error",
+        499: "client_closed_request",
+        501: "not_implemented_error",
+        503: "service_unavailable_error",
+        504: "timeout_error",
+    }.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def openai_error(status: int, message: str, param: str | None = None,
+                 error_type: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type or _error_type(status),
+                      "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+def baseten_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def describe_validation_error(exc: pydantic.ValidationError) -> tuple[str, str | None]:
+    """A short message naming each bad field, and the first field as OpenAI's `param`."""
+    problems = []
+    first_param = None
+    for err in exc.errors(include_url=False, include_input=False)[:MAX_REPORTED_VALIDATION_ERRORS]:
+        # Drop pydantic's internal union/function markers from the location.
+        loc = ".".join(str(p) for p in err["loc"]
+                       if isinstance(p, int) or ("[" not in str(p) and "-" not in str(p)))
+        first_param = first_param or loc or None
+        problems.append(f"{loc or 'body'}: {err['msg']}")
+    extra = exc.error_count() - len(problems)
+    if extra > 0:
+        problems.append(f"... and {extra} more")
+    return "Invalid request: " + "; ".join(problems), first_param
+
+
+def error_from_exception(exc: BaseException) -> RequestError:
+    """Classify an exception raised by vLLM's serving code the way `vllm serve` does."""
+    from vllm.entrypoints.serve.exception_handling.error_response import (
+        create_error_response,
+    )
+
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, pydantic.ValidationError):
+        message, param = describe_validation_error(exc)
+        return RequestError(message, HTTPStatus.BAD_REQUEST, param)
+    if not isinstance(exc, Exception):
+        raise exc
+    info = create_error_response(exc).error
+    if info.code >= 500:
+        logger.exception("Engine error while serving a request", exc_info=exc)
+    return RequestError(info.message, info.code, info.param)

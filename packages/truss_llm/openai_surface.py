@@ -1,0 +1,233 @@
+"""OpenAI's chat and completions protocol, served by vLLM's own serving classes in-process.
+
+The classes behind `vllm serve` (`OpenAIServingChat`, `OpenAIServingCompletion`) do the
+protocol: templates, tool-call parsing, structured outputs, logprobs, usage, SSE. This
+module only adapts them to truss routes: it parses the body itself (so that bad JSON gets an
+OpenAI-shaped 400 instead of truss's own), adds the checks OpenAI makes and vLLM does not
+(roles, empty conversations), races non-streaming work against a client disconnect, and
+turns every outcome into a `Response`, because truss makes a 500 of anything raised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import Request
+
+from truss_llm.cancellation import ClientDisconnected, run_until_disconnected
+from truss_llm.engine import Engine
+from truss_llm.errors import RequestError, baseten_error, error_from_exception, openai_error
+from truss_llm.settings import EngineSettings
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger(__name__)
+
+# Roles OpenAI's Chat Completions API accepts; vLLM accepts any string by design.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+# Status nginx made conventional for "client closed the request"; nobody reads the body.
+CLIENT_CLOSED_REQUEST = 499
+
+ErrorRenderer = Callable[[RequestError], Response]
+
+
+async def read_json_object(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        raise RequestError("The request body is empty: send a JSON object.")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"The request body is not valid JSON ({exc}).") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"The request body must be a JSON object, not {type(body).__name__}.")
+    return body
+
+
+def check_chat_messages(body: dict[str, Any]) -> None:
+    """The checks OpenAI makes before a conversation reaches the model."""
+    messages = body.get("messages")
+    if messages is None:
+        raise RequestError("Missing required parameter: 'messages'.", param="messages")
+    if not isinstance(messages, list):
+        raise RequestError("'messages' must be an array of message objects.", param="messages")
+    if not messages:
+        raise RequestError("'messages' must contain at least one message.", param="messages")
+    for index, message in enumerate(messages):
+        param = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise RequestError(f"{param} must be an object with a 'role'.", param=param)
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise RequestError(
+                f"Invalid value for {param}.role: {role!r}. Supported roles: "
+                f"{', '.join(CHAT_ROLES)}.", param=f"{param}.role")
+        has_content = message.get("content") is not None
+        if role == "assistant":
+            if not has_content and not message.get("tool_calls") and not message.get(
+                    "function_call"):
+                raise RequestError(f"{param}: an assistant message needs 'content' or "
+                                   "'tool_calls'.", param=f"{param}.content")
+        elif not has_content:
+            raise RequestError(f"Missing required parameter: '{param}.content'.",
+                               param=f"{param}.content")
+        if role == "tool" and not message.get("tool_call_id"):
+            raise RequestError(f"Missing required parameter: '{param}.tool_call_id' (the id "
+                               "of the assistant tool call this message answers).",
+                               param=f"{param}.tool_call_id")
+
+
+def check_token_limits(body: dict[str, Any]) -> None:
+    """Name the field the client sent: vLLM reports both spellings as `max_tokens`."""
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = body.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RequestError(f"Invalid '{field}': expected an integer of at least 1, "
+                               f"got {value!r}.", param=field)
+
+
+def _sse(stream: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+class OpenAISurface:
+    """Chat and completions endpoints over one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._chat = None
+        self._completion = None
+        self._models = None
+        engine.on_ready(self._build_serving)
+
+    @property
+    def settings(self) -> EngineSettings:
+        return self._engine.settings
+
+    async def _build_serving(self, client: AsyncLLM) -> None:
+        """Construct vLLM's serving objects, as `vllm serve`'s `init_app_state` does."""
+        from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+        from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+        from vllm.entrypoints.openai.models.protocol import BaseModelPath
+        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+        from vllm.renderers.chat_utils import load_chat_template
+        from vllm.renderers.online_renderer import OnlineRenderer
+
+        settings = self.settings
+        tools = settings.tool_call_parser is not None
+        chat_template = load_chat_template(settings.chat_template)
+        models = OpenAIServingModels(
+            engine_client=client,
+            base_model_paths=[BaseModelPath(name=settings.served_model_name,
+                                            model_path=settings.model_path)])
+        await models.init_static_loras()
+        renderer = OnlineRenderer(
+            model_config=client.model_config,
+            renderer=client.renderer,
+            request_logger=None,
+            chat_template=chat_template,
+            chat_template_content_format="auto",
+            enable_auto_tools=tools,
+            tool_parser=settings.tool_call_parser,
+        )
+        renderer.warmup()
+        self._chat = OpenAIServingChat(
+            client, models, "assistant",
+            online_renderer=renderer,
+            request_logger=None,
+            chat_template=chat_template,
+            chat_template_content_format="auto",
+            enable_auto_tools=tools,
+            tool_parser=settings.tool_call_parser,
+            enable_prompt_tokens_details=True,
+        )
+        self._completion = OpenAIServingCompletion(
+            client, models, online_renderer=renderer, request_logger=None,
+            enable_prompt_tokens_details=True)
+        self._models = models
+
+    async def chat_completions(self, request: Request,
+                               render_error: ErrorRenderer | None = None) -> Response:
+        return await self._serve(request, self._create_chat, render_error)
+
+    async def completions(self, request: Request,
+                          render_error: ErrorRenderer | None = None) -> Response:
+        return await self._serve(request, self._create_completion, render_error)
+
+    async def predict(self, request: Request) -> Response:
+        """Baseten's `/predict`: the same OpenAI body (chat, or completions with `prompt`)."""
+        return await self._serve(request, self._create_for_predict, render_baseten_error)
+
+    async def models(self) -> dict[str, Any]:
+        """The `/v1/models` list, as `vllm serve` answers it."""
+        await self._engine.ensure_ready()
+        listing = await self._models.show_available_models()
+        return listing.model_dump()
+
+    async def _create_chat(self, body: dict[str, Any], request: Request):
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        check_chat_messages(body)
+        check_token_limits(body)
+        parsed = ChatCompletionRequest.model_validate(body)
+        return await self._chat.create_chat_completion(parsed, request)
+
+    async def _create_completion(self, body: dict[str, Any], request: Request):
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        if "prompt" not in body:
+            raise RequestError("Missing required parameter: 'prompt'.", param="prompt")
+        check_token_limits(body)
+        parsed = CompletionRequest.model_validate(body)
+        return await self._completion.create_completion(parsed, request)
+
+    async def _create_for_predict(self, body: dict[str, Any], request: Request):
+        if "messages" in body:
+            return await self._create_chat(body, request)
+        if "prompt" in body:
+            return await self._create_completion(body, request)
+        raise RequestError("predict takes an OpenAI chat body ({\"messages\": [...]}) or a "
+                           "completions body ({\"prompt\": \"...\"}).")
+
+    async def _serve(self, request: Request, create, render_error: ErrorRenderer | None
+                     ) -> Response:
+        render_error = render_error or render_openai_error
+        try:
+            body = await read_json_object(request)
+            await self._engine.ensure_ready()
+            # Streams are cancelled by Starlette on disconnect; everything else is raced here.
+            result = await run_until_disconnected(create(body, request), request)
+        except ClientDisconnected:
+            logger.info("client disconnected; engine request aborted")
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except (RequestError, pydantic.ValidationError, Exception) as exc:
+            return render_error(error_from_exception(exc))
+        return self._to_response(result, render_error)
+
+    @staticmethod
+    def _to_response(result: Any, render_error: ErrorRenderer) -> Response:
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        if isinstance(result, ErrorResponse):
+            info = result.error
+            return render_error(RequestError(info.message, info.code, info.param))
+        if isinstance(result, pydantic.BaseModel):
+            return JSONResponse(result.model_dump(mode="json"))
+        return _sse(result)
+
+
+def render_openai_error(error: RequestError) -> Response:
+    return openai_error(error.status, error.message, error.param)
+
+
+def render_baseten_error(error: RequestError) -> Response:
+    return baseten_error(error.status, error.message)

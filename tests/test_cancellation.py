@@ -1,0 +1,87 @@
+"""A client that goes away aborts its engine request, streaming or not.
+
+The tiny model is fast (~600 tokens/s a stream), so each test starts several long requests
+at once, drops them early and then checks on the engine's own counters that no request is
+left unfinished and that the engine stopped generating for them: far fewer tokens than the
+requests asked for (vLLM 0.32 does not count client aborts in `request_success_total`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+from conftest import MODEL_NAME, Server
+
+CONCURRENT = 6
+LONG = {"model": MODEL_NAME, "max_tokens": 480, "ignore_eos": True, "temperature": 1.0,
+        "messages": [{"role": "user", "content": "Write a very long story."}]}
+SETTLE_TIMEOUT_S = 10
+
+
+def wait_until_idle(server: Server) -> float:
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.unfinished_requests() == 0:
+            return time.monotonic()
+        time.sleep(0.05)
+    raise AssertionError(f"engine still has {server.unfinished_requests()} requests")
+
+
+def generated_tokens(server: Server) -> float:
+    return server.metric("vllm:generation_tokens_total")
+
+
+def test_streaming_disconnect_aborts(server: Server) -> None:
+    wait_until_idle(server)
+    tokens_before = generated_tokens(server)
+    clients = [httpx.Client(base_url=server.base_url, timeout=30) for _ in range(CONCURRENT)]
+    streams = [c.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True})
+               for c in clients]
+    # Keep each line iterator referenced: a collected one closes its connection early.
+    readers = []
+    for stream in streams:
+        response = stream.__enter__()
+        assert response.status_code == 200
+        readers.append(response.iter_lines())
+        next(readers[-1])  # generation has started
+    assert server.unfinished_requests() == CONCURRENT
+    for client in clients:
+        client.close()  # drops the connection mid-stream
+    wait_until_idle(server)
+    assert generated_tokens(server) - tokens_before < CONCURRENT * LONG["max_tokens"] / 2
+
+
+def test_non_streaming_disconnect_aborts(server: Server) -> None:
+    wait_until_idle(server)
+    tokens_before = generated_tokens(server)
+    results: list[BaseException | None] = []
+
+    def call() -> None:
+        try:
+            # The read timeout is the disconnect: httpx closes the connection.
+            httpx.post(f"{server.base_url}/v1/chat/completions", json=LONG, timeout=0.4)
+            results.append(None)
+        except httpx.TimeoutException as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(CONCURRENT)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert all(isinstance(r, httpx.TimeoutException) for r in results), results
+    wait_until_idle(server)
+    assert generated_tokens(server) - tokens_before < CONCURRENT * LONG["max_tokens"] / 2
+
+
+def test_predict_disconnect_aborts(server: Server) -> None:
+    wait_until_idle(server)
+    tokens_before = generated_tokens(server)
+    try:
+        httpx.post(f"{server.base_url}/v1/models/model:predict", json=LONG, timeout=0.3)
+    except httpx.TimeoutException:
+        pass
+    wait_until_idle(server)
+    assert generated_tokens(server) - tokens_before < LONG["max_tokens"] / 2

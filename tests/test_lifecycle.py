@@ -1,0 +1,65 @@
+"""Readiness, engine death and Ctrl-C, on a server of this module's own (it gets killed)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+from conftest import MODEL_NAME, Server, start_server, stop_server
+
+CHAT = {"model": MODEL_NAME, "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hi"}]}
+DEATH_NOTICED_S = 15
+
+
+@pytest.fixture(scope="module")
+def doomed_server(tmp_path_factory: pytest.TempPathFactory):
+    srv = start_server(tmp_path_factory.mktemp("doomed") / "server.log")
+    yield srv
+    stop_server(srv)
+
+
+def engine_core(server: Server) -> psutil.Process:
+    children = psutil.Process(server.process.pid).children(recursive=True)
+    cores = [c for c in children if "EngineCore" in " ".join(c.cmdline()) + c.name()]
+    assert len(cores) == 1, [c.cmdline() for c in children]
+    return cores[0]
+
+
+def test_ready_means_it_can_generate(doomed_server: Server) -> None:
+    assert httpx.get(f"{doomed_server.base_url}/v1/models/model").status_code == 200
+    started = time.monotonic()
+    response = httpx.post(f"{doomed_server.base_url}/v1/chat/completions", json=CHAT, timeout=30)
+    assert response.status_code == 200
+    assert time.monotonic() - started < 5  # no set-up left for the first request
+
+
+def test_dead_engine_fails_readiness_and_requests_fast(doomed_server: Server) -> None:
+    engine_core(doomed_server).send_signal(signal.SIGKILL)  # a process this test started
+    deadline = time.monotonic() + DEATH_NOTICED_S
+    status = None
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{doomed_server.base_url}/v1/models/model", timeout=10).status_code
+        if status != 200:
+            break
+        time.sleep(0.5)
+    assert status == 503
+    started = time.monotonic()
+    response = httpx.post(f"{doomed_server.base_url}/v1/chat/completions", json=CHAT,
+                          timeout=30)
+    assert response.status_code >= 500
+    assert "error" in response.json()
+    assert time.monotonic() - started < 10
+
+
+def test_ctrl_c_stops_everything_it_started(tmp_path) -> None:
+    srv = start_server(tmp_path / "server.log")
+    children = psutil.Process(srv.process.pid).children(recursive=True)
+    assert children, "the engine runs in a child process"
+    leftovers = stop_server(srv)
+    assert srv.process.returncode is not None
+    assert not leftovers
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
