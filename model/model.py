@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 from truss_llm.engine import Engine
+from truss_llm.errors import baseten_error
 from truss_llm.metrics import register_engine_metrics
 from truss_llm.openai_surface import OpenAISurface
 from truss_llm.settings import resolve_settings
@@ -36,17 +37,41 @@ class Model:
         self._engine.start()
         register_engine_metrics(self._engine)
 
+    def unload(self) -> None:
+        """Stop the engine and free its memory (the local runner's scale-to-zero)."""
+        engine, self._engine, self._surface = self._engine, None, None
+        if engine is not None:
+            engine.shutdown()
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
     async def is_healthy(self) -> bool:
         return self._engine is not None and await self._engine.is_healthy()
 
     async def predict(self, request: Request) -> Response:
+        if self._surface is None:
+            return _unloaded()
         return await self._surface.predict(request)
 
     async def chat_completions(self, request: Request) -> Response:
+        if self._surface is None:
+            return _unloaded()
         return await self._surface.chat_completions(request)
 
     async def completions(self, request: Request) -> Response:
+        if self._surface is None:
+            return _unloaded()
         return await self._surface.completions(request)
+
+    async def models(self) -> dict[str, Any]:
+        """`/v1/models` as `vllm serve` answers it (served by the local runner)."""
+        return await self._surface.models()
+
+
+def _unloaded() -> Response:
+    return baseten_error(503, "The model is scaled to zero; call /wake or retry shortly.")
 
 
 def _secret(secrets: Any, name: str) -> str | None:

@@ -27,6 +27,7 @@ from openai import OpenAI
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = REPO / "data" / "tiny-chat"
 MODEL_NAME = "tiny-chat"
+WEBHOOK_SECRET = "whsec_test_secret"
 READY_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 30
 
@@ -42,13 +43,14 @@ class Server:
     base_url: str
     process: subprocess.Popen
     log_path: Path
+    headers: dict[str, str]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def metrics(self) -> dict[str, float]:
         """Prometheus samples by their full name (labels included)."""
-        text = httpx.get(f"{self.base_url}/metrics/", timeout=10).text
+        text = httpx.get(f"{self.base_url}/metrics/", headers=self.headers, timeout=10).text
         samples = {}
         for line in text.splitlines():
             match = re.match(r"^([a-zA-Z_:][^ ]*) ([-+0-9.eE]+|NaN)$", line)
@@ -63,20 +65,25 @@ class Server:
         return self.metrics()["truss_llm_engine_unfinished_requests"]
 
 
-def start_server(log_path: Path, extra_env: dict[str, str] | None = None) -> Server:
-    port = free_port()
+def start_server(log_path: Path, *args: str, extra_env: dict[str, str] | None = None,
+                 port: int | None = None, api_key: str | None = None) -> Server:
+    port = port or free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    log = log_path.open("w")
+    log = log_path.open("a")
+    state_dir = log_path.parent / "state"
     process = subprocess.Popen(
-        [sys.executable, "-m", "truss_llm", "serve", "--port", str(port)],
+        [sys.executable, "-m", "truss_llm", "serve", "--port", str(port),
+         "--state-dir", str(state_dir), *(["--api-key", api_key] if api_key else []), *args],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path,
+                    {"Authorization": f"Api-Key {api_key}"} if api_key else {})
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()[-4000:]}")
         try:
-            if httpx.get(f"{server.base_url}/v1/models/model", timeout=5).status_code == 200:
+            if httpx.get(f"{server.base_url}/v1/models/model", headers=server.headers,
+                         timeout=5).status_code == 200:
                 return server
         except httpx.HTTPError:
             pass
@@ -107,7 +114,7 @@ def stop_server(server: Server) -> list[psutil.Process]:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     started = time.monotonic()
-    srv = start_server(log_path)
+    srv = start_server(log_path, "--webhook-secret", WEBHOOK_SECRET)
     print(f"\nserver ready in {time.monotonic() - started:.1f} s at {srv.base_url}")
     yield srv
     leftovers = stop_server(srv)
@@ -124,3 +131,74 @@ def client(server: Server) -> OpenAI:
 def http(server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.base_url, timeout=120) as session:
         yield session
+
+
+@dataclass
+class Delivery:
+    path: str
+    body: bytes
+    headers: dict[str, str]
+
+
+class WebhookReceiver:
+    """A webhook endpoint on 127.0.0.1: records every POST; paths under /fail answer 500."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        receiver = self
+        self.deliveries: list[Delivery] = []
+        self.arrived = threading.Condition()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with receiver.arrived:
+                    receiver.deliveries.append(
+                        Delivery(self.path, body, {k.lower(): v for k, v in self.headers.items()}))
+                    receiver.arrived.notify_all()
+                self.send_response(500 if self.path.startswith("/fail") else 200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def wait_for(self, count: int, path_prefix: str = "/", timeout: float = 60) -> list[Delivery]:
+        deadline = time.monotonic() + timeout
+        with self.arrived:
+            while True:
+                found = [d for d in self.deliveries if d.path.startswith(path_prefix)]
+                if len(found) >= count or time.monotonic() > deadline:
+                    return found
+                self.arrived.wait(max(0.0, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def receiver() -> Iterator[WebhookReceiver]:
+    hooks = WebhookReceiver()
+    yield hooks
+    hooks.close()
+
+
+def wait_for_status(base_url: str, request_id: str, statuses: set[str], timeout: float = 60,
+                    headers: dict[str, str] | None = None) -> dict:
+    deadline = time.monotonic() + timeout
+    record: dict = {}
+    while time.monotonic() < deadline:
+        record = httpx.get(f"{base_url}/async_request/{request_id}", headers=headers,
+                           timeout=10).json()
+        if record.get("status") in statuses:
+            return record
+        time.sleep(0.1)
+    raise AssertionError(f"{request_id} never reached {statuses}: {record}")

@@ -50,15 +50,16 @@ def test_gpu_without_weights_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_environment_overrides_win(tmp_path: Path) -> None:
-    env = {"TRUSS_LLM_MAX_MODEL_LEN": "1024", "TRUSS_LLM_TOOL_CALL_PARSER": "llama3_json"}
+    env = {"TRUSS_LLM_ENGINE_MAX_MODEL_LEN": "1024",
+           "TRUSS_LLM_ENGINE_TOOL_CALL_PARSER": "llama3_json"}
     settings = resolve_settings(GPU_CONFIG, tmp_path, environ=env, has_gpu=False)
     assert settings.max_model_len == 1024
     assert settings.tool_call_parser == "llama3_json"
 
 
 def test_unknown_environment_setting_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="TRUSS_LLM_MAX_LEN"):
-        resolve_settings(GPU_CONFIG, tmp_path, environ={"TRUSS_LLM_MAX_LEN": "9"},
+    with pytest.raises(ValueError, match="TRUSS_LLM_ENGINE_MAX_LEN"):
+        resolve_settings(GPU_CONFIG, tmp_path, environ={"TRUSS_LLM_ENGINE_MAX_LEN": "9"},
                          has_gpu=False)
 
 

@@ -4,8 +4,9 @@ Sources, later ones winning:
 1. `model_metadata.engine` of config.yaml: the production settings for the GPU model;
 2. the CPU profile, when no GPU is present and the configured weights are not mounted: the
    tiny bundled model in `data/tiny-chat` with settings that fit 2 cores;
-3. environment variables `TRUSS_LLM_<FIELD>` (for example `TRUSS_LLM_MAX_MODEL_LEN=1024`),
-   so a deployment or a test can change one value without editing config.yaml.
+3. environment variables `TRUSS_LLM_ENGINE_<FIELD>` (for example
+   `TRUSS_LLM_ENGINE_MAX_MODEL_LEN=1024`), so a deployment or a test can change one value
+   without editing config.yaml.
 
 Tensor parallelism follows `resources.accelerator` (`H100:4` -> 4) unless set explicitly.
 """
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 logger = logging.getLogger(__name__)
 
-ENV_PREFIX = "TRUSS_LLM_"
+ENV_PREFIX = "TRUSS_LLM_ENGINE_"
 TINY_MODEL_DIR = "tiny-chat"
 TINY_MODEL_NAME = "tiny-chat"
 MiB = 1024 * 1024

@@ -19,6 +19,8 @@ from typing import Any
 
 import uvicorn
 
+from truss_llm.runner.settings import RunnerSettings
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
@@ -52,8 +54,10 @@ def _exit_on_sigterm() -> None:
 
 
 def build_server(truss_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 log_level: str = "INFO") -> uvicorn.Server:
-    """The truss server for `truss_dir`, ready for `server.run()`."""
+                 log_level: str = "INFO", runner: RunnerSettings | None = None
+                 ) -> uvicorn.Server:
+    """The truss server for `truss_dir`, ready for `server.run()`; with `runner` settings,
+    fronted by Baseten's endpoint surface on the same port."""
     truss_dir = truss_dir.resolve()
     config = load_truss_config(truss_dir)
     # Without Docker nothing applies config.yaml's environment; the shell's values win.
@@ -69,8 +73,13 @@ def build_server(truss_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_
     from truss_server import TrussServer
 
     truss_server = TrussServer(port, config)
+    app = truss_server.create_application()
+    if runner is not None:
+        from truss_llm.runner.surface import BasetenSurface
+
+        app = BasetenSurface(app, truss_server._model, runner)
     uv_config = uvicorn.Config(
-        truss_server.create_application(),
+        app,
         host=host,
         port=port,
         http="h11",

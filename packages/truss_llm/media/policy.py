@@ -1,0 +1,299 @@
+"""Which URLs the media fetcher may touch, and how it talks about them.
+
+Fetching a caller's URL from inside a GPU container is the classic SSRF hole: the container
+can reach the cloud metadata service (169.254.169.254), the cluster's private network and
+its own loopback services. So a URL is judged twice: its host must match an allow-list of
+object-store patterns (S3, GCS, Azure Blob by default), and every address the host resolves
+to must be a public unicast address, unless an operator listed its network explicitly. The
+fetcher then dials exactly the address judged here, never a second DNS answer.
+
+A pre-signed URL carries its credential in the query string, so nothing here ever logs or
+raises with a query string: `redact_url` keeps scheme, host, port and path only.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Annotated
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+GiB = 1024 * 1024 * 1024
+
+DEFAULT_MAX_BYTES = 2 * GiB
+DEFAULT_MAX_REDIRECTS = 5
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_READ_TIMEOUT_S = 30.0  # longest silence between two received bytes
+DEFAULT_TOTAL_TIMEOUT_S = 600.0  # 2 GiB at ~4 MB/s; a request deadline usually ends sooner
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_BACKOFF_INITIAL_S = 0.5
+DEFAULT_BACKOFF_MAX_S = 8.0
+
+MAX_SHOWN_URL_CHARS = 256
+UNPARSEABLE_URL = "<unparseable URL>"
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# S3 in every spelling AWS documents, without admitting the rest of *.amazonaws.com (EC2
+# public DNS names there resolve to private addresses from inside a VPC). fnmatch's `*`
+# spans dots, so one pattern covers regional, dualstack, FIPS and access-point forms.
+_S3_PATTERNS = tuple(
+    pattern.format(domain=domain)
+    for domain in ("amazonaws.com", "amazonaws.com.cn")
+    for pattern in (
+        "s3.{domain}",  # path-style, global endpoint
+        "*.s3.{domain}",  # virtual-hosted, global endpoint
+        "s3.*.{domain}",  # path-style regional and dualstack: s3.dualstack.us-east-1...
+        "*.s3.*.{domain}",  # virtual-hosted regional and dualstack
+        "s3-*.{domain}",  # legacy dash forms: s3-us-west-2, s3-external-1, s3-fips...
+        "*.s3-*.{domain}",  # ...virtual-hosted, access points, object lambda
+        "*.s3express-*.{domain}",  # S3 Express One Zone directory buckets
+    )
+)
+_GCS_PATTERNS = ("storage.googleapis.com", "*.storage.googleapis.com")
+_AZURE_BLOB_PATTERNS = ("*.blob.core.windows.net",)
+DEFAULT_ALLOWED_HOSTS: tuple[str, ...] = _S3_PATTERNS + _GCS_PATTERNS + _AZURE_BLOB_PATTERNS
+
+# Characters of a host that the C library's inet_aton may read as a number (127.1,
+# 2130706433, 0x7f000001, 017700000001): such a host is an address, never a name.
+_NUMERIC_HOST = re.compile(r"[0-9a-fx.]+")
+# IPv6 prefixes that carry an IPv4 address in their low 32 bits (RFC 6052 NAT64).
+_NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+class FetchError(Exception):
+    """A fetch that did not produce the file, with what our server should answer.
+
+    `status` is the HTTP status for OUR caller (400 refused or bad URL, 408 timed out,
+    413 too large, 422 the upstream refused, failed or sent the wrong bytes); `reason` is a
+    short stable code. The message names host and path, never the query string.
+    """
+
+    REFUSED = "refused"
+    TIMEOUT = "timeout"
+    TOO_LARGE = "too_large"
+    NOT_FOUND = "not_found"
+    UPSTREAM_ERROR = "upstream_error"
+    INTEGRITY = "integrity"
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = int(status)
+        self.reason = reason
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"FetchError({self.status}, {self.reason!r}, {self.message!r})"
+
+
+def refused(message: str) -> FetchError:
+    return FetchError(HTTPStatus.BAD_REQUEST, FetchError.REFUSED, message)
+
+
+def _lowercase_patterns(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p.strip().lower().rstrip(".") for p in patterns if p.strip())
+
+
+def _valid_networks(networks: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(str(ipaddress.ip_network(n.strip(), strict=False)) for n in networks)
+
+
+HostPatterns = Annotated[tuple[str, ...], AfterValidator(_lowercase_patterns)]
+Networks = Annotated[tuple[str, ...], AfterValidator(_valid_networks)]
+
+
+class FetchPolicy(BaseModel):
+    """Where the fetcher may go and how long and how much it may take there."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    allow_http: bool = False
+    allowed_hosts: HostPatterns = DEFAULT_ALLOWED_HOSTS
+    extra_allowed_hosts: HostPatterns = ()
+    # Networks whose addresses are accepted although not public, e.g. ("127.0.0.1/32",)
+    # for a test server, or a VPC endpoint's subnet. They also admit IP-literal hosts.
+    allowed_networks: Networks = ()
+    max_bytes: int = Field(default=DEFAULT_MAX_BYTES, gt=0)
+    max_redirects: int = Field(default=DEFAULT_MAX_REDIRECTS, ge=0)
+    connect_timeout_s: float = Field(default=DEFAULT_CONNECT_TIMEOUT_S, gt=0)
+    read_timeout_s: float = Field(default=DEFAULT_READ_TIMEOUT_S, gt=0)
+    total_timeout_s: float = Field(default=DEFAULT_TOTAL_TIMEOUT_S, gt=0)
+    max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)
+    backoff_initial_s: float = Field(default=DEFAULT_BACKOFF_INITIAL_S, ge=0)
+    backoff_max_s: float = Field(default=DEFAULT_BACKOFF_MAX_S, ge=0)
+
+    @property
+    def host_patterns(self) -> tuple[str, ...]:
+        return self.allowed_hosts + self.extra_allowed_hosts
+
+    @property
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(n) for n in self.allowed_networks)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One hop's URL, judged by scheme and host; `ip` is set when the host is an address."""
+
+    url: httpx.URL
+    host: str  # lowercase ASCII (IDNA), no trailing dot: what patterns are matched against
+    port: int
+    ip: str | None  # canonical address of an IP-literal host, dialled without any DNS
+
+    @property
+    def shown(self) -> str:
+        return redact_url(str(self.url))
+
+
+def redact_url(url: str) -> str:
+    """`scheme://host[:port]/path` of a URL: never its query, fragment or user info."""
+    try:
+        parts = urlsplit(url.strip())
+        host = parts.hostname
+        port = parts.port
+    except ValueError:
+        return UNPARSEABLE_URL
+    if not parts.scheme or not host:
+        return UNPARSEABLE_URL
+    if ":" in host:
+        host = f"[{host}]"
+    shown = f"{parts.scheme.lower()}://{host}{f':{port}' if port else ''}{parts.path}"
+    if len(shown) > MAX_SHOWN_URL_CHARS:
+        shown = shown[: MAX_SHOWN_URL_CHARS - 3] + "..."
+    return shown
+
+
+def parse_ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host spells, in any form the C resolver would accept, else None.
+
+    Besides dotted quads and IPv6, inet_aton reads 127.1, 2130706433, 0x7f000001 and
+    017700000001 as 127.0.0.1; treating those as names would let them reach a resolver
+    (or a pattern) as if they were harmless hostnames.
+    """
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if _NUMERIC_HOST.fullmatch(host.lower()) and any(c.isdigit() for c in host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for (mapped, compatible, 6to4, NAT64)."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64_PREFIX or address.packed[:12] == bytes(12):  # NAT64, ::a.b.c.d
+        return ipaddress.IPv4Address(address.packed[12:])
+    return None
+
+
+def _judged(address: ipaddress.IPv4Address | ipaddress.IPv6Address):
+    if isinstance(address, ipaddress.IPv6Address):
+        return embedded_ipv4(address) or address
+    return address
+
+
+def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    # is_global alone is not enough on Python 3.11: it calls multicast, fec0::/10 site-local
+    # and ::a.b.c.d global. Each exclusion is spelled out.
+    if (address.is_private or address.is_loopback or address.is_link_local
+            or address.is_multicast or address.is_reserved or address.is_unspecified):
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and (address.is_site_local or address.scope_id):
+        return False
+    return address.is_global
+
+
+def _in_networks(address, policy: FetchPolicy) -> bool:
+    return any(address.version == net.version and address in net for net in policy.networks)
+
+
+def dial_address(ip: str) -> str:
+    """The address to connect to for a checked `ip`: IPv4-mapped IPv6 is dialled as IPv4."""
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def check_address(ip: str, policy: FetchPolicy) -> None:
+    """Refuse (400) an address that is not public unicast, unless policy lists its network.
+
+    Loopback, RFC 1918, link-local (the 169.254.169.254 metadata service), CGNAT
+    100.64/10, unspecified, multicast, reserved, IPv6 ULA/link-local/site-local are all
+    refused; an IPv6 address embedding an IPv4 one is judged by the IPv4 address.
+    """
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        raise refused(f"not an IP address: {ip[:64]!r}") from None
+    judged = _judged(address)
+    if _in_networks(address, policy) or _in_networks(judged, policy):
+        return
+    if not _is_public(judged):
+        raise refused(f"address {address} is not public ({_describe(judged)}) and its "
+                      f"network is not in allowed_networks")
+
+
+def _describe(address) -> str:
+    for attribute in ("loopback", "link_local", "multicast", "unspecified", "reserved",
+                      "private"):
+        if getattr(address, f"is_{attribute}"):
+            return attribute.replace("_", "-")
+    if isinstance(address, ipaddress.IPv6Address) and address.is_site_local:
+        return "site-local"
+    return "not globally routable"
+
+
+def host_allowed(host: str, policy: FetchPolicy) -> bool:
+    """Does `host` (as written, or as the address it spells) match an allowed pattern?
+
+    A hostname must match a pattern; an IP-literal host must match a pattern or lie in
+    `allowed_networks`. Its address is judged separately by `check_address`.
+    """
+    host = host.lower().strip("[]").rstrip(".")
+    spellings = {host}
+    address = parse_ip_literal(host)
+    if address is not None:
+        spellings.add(str(address))
+        if _in_networks(address, policy) or _in_networks(_judged(address), policy):
+            return True
+    return any(fnmatch.fnmatchcase(spelling, pattern)
+               for spelling in spellings for pattern in policy.host_patterns)
+
+
+def check_url(url: str | httpx.URL, policy: FetchPolicy) -> Target:
+    """Parse `url` and refuse (400) a scheme, user info or host the policy does not allow."""
+    shown = redact_url(str(url))
+    try:
+        parsed = url if isinstance(url, httpx.URL) else httpx.URL(url.strip())
+        host = parsed.raw_host.decode("ascii").lower().rstrip(".")
+    except (httpx.InvalidURL, UnicodeError, TypeError, ValueError):
+        raise refused(f"invalid URL {shown}") from None
+    schemes = ("https", "http") if policy.allow_http else ("https",)
+    if parsed.scheme not in schemes:
+        raise refused(f"{shown}: scheme {parsed.scheme or '(none)'!r} is not allowed "
+                      f"(allowed: {', '.join(schemes)})")
+    if not host:
+        raise refused(f"{shown}: the URL has no host")
+    if parsed.userinfo:
+        raise refused(f"{shown}: URLs with user info are not accepted")
+    if not host_allowed(host, policy):
+        raise refused(f"{shown}: host {host!r} is not in the allowed hosts")
+    address = parse_ip_literal(host)
+    port = parsed.port or DEFAULT_PORTS[parsed.scheme]
+    return Target(url=parsed, host=host, port=port,
+                  ip=str(address) if address is not None else None)

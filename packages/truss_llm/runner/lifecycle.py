@@ -1,0 +1,100 @@
+"""Scale to zero and wake: unload the model after an idle period, load it again on demand.
+
+Requests that arrive while the model is unloaded (or still loading) wait for it, bounded by
+the wake timeout, instead of failing. The truss server's readiness route keeps telling the
+truth meanwhile, since the model reports itself unhealthy while it is unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+IDLE_CHECK_S = 1.0
+READY_POLL_S = 0.2
+
+
+class WakeTimeout(Exception):
+    pass
+
+
+class ModelLifecycle:
+    """Tracks activity on the model held by truss's ModelWrapper and loads/unloads it."""
+
+    def __init__(self, wrapper: Any, idle_s: float | None, wake_timeout_s: float) -> None:
+        self._wrapper = wrapper
+        self._idle_s = idle_s
+        self._wake_timeout_s = wake_timeout_s
+        self._in_flight = 0
+        self._last_active = time.monotonic()
+        self._reload: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def _model(self) -> Any | None:
+        return self._wrapper._model if self._wrapper.ready else None
+
+    @property
+    def loaded(self) -> bool:
+        model = self._model
+        return model is not None and getattr(model, "loaded", True)
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def wake(self) -> None:
+        """Start loading if unloaded; returns at once (the `/wake` route)."""
+        async with self._lock:
+            model = self._model
+            if model is None or self.loaded:
+                return  # truss is still running the first load(); nothing to start
+            if self._reload is None or self._reload.done():
+                logger.info("waking the model")
+                self._reload = asyncio.create_task(asyncio.to_thread(model.load))
+
+    async def wait_ready(self) -> None:
+        """Wake if needed and wait until the engine can serve, bounded by the wake timeout."""
+        self._last_active = time.monotonic()
+        if self.loaded and self._model is not None:
+            return
+        await self.wake()
+        deadline = time.monotonic() + self._wake_timeout_s
+        while not (self.loaded and await self._model.is_healthy()):
+            if self._wrapper.load_failed or (self._reload and self._reload.done()
+                                             and self._reload.exception()):
+                raise WakeTimeout("The model failed to load; see the server log.")
+            if time.monotonic() > deadline:
+                raise WakeTimeout(f"The model did not become ready within "
+                                  f"{self._wake_timeout_s:.0f} s.")
+            await asyncio.sleep(READY_POLL_S)
+
+    @contextlib.asynccontextmanager
+    async def active(self) -> AsyncIterator[None]:
+        """Mark a request in flight (the idle clock stops while any is)."""
+        self._in_flight += 1
+        try:
+            await self.wait_ready()
+            yield
+        finally:
+            self._in_flight -= 1
+            self._last_active = time.monotonic()
+
+    async def run_idle_watch(self) -> None:
+        """Unload the model once it has been idle for `idle_s` (scale to zero)."""
+        if self._idle_s is None:
+            return
+        while True:
+            await asyncio.sleep(IDLE_CHECK_S)
+            idle_for = time.monotonic() - self._last_active
+            if self._in_flight == 0 and idle_for >= self._idle_s and self.loaded:
+                async with self._lock:
+                    if self._in_flight == 0 and self.loaded:
+                        logger.info("idle for %.0f s: scaling to zero", idle_for)
+                        await asyncio.to_thread(self._model.unload)

@@ -1,0 +1,68 @@
+"""The runner's settings: Baseten's limits as named constants, and what this machine serves.
+
+Every limit is overridable (the tests compress them to seconds) from the command line or
+from `TRUSS_LLM_RUNNER_<FIELD>` environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENV_PREFIX = "TRUSS_LLM_RUNNER_"
+MB = 1000 * 1000
+KiB = 1024
+
+# Baseten's published limits (docs.baseten.co, "Timeouts" and "Request size").
+MAX_BODY_BYTES = 100 * MB            # the edge answers 413 past this
+MAX_ASYNC_INPUT_BYTES = 256 * KiB    # an async_predict body
+SYNC_TIMEOUT_S = 1200.0              # sync predict, then 504
+WAKE_TIMEOUT_S = 1200.0
+ASYNC_RUN_TIMEOUT_S = 3600.0         # one async attempt's run time
+
+
+class RunnerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = Field(default=None, description="require `Api-Key <key>` if set")
+    model_id: str = "local"
+    deployment_id: str = "local"
+    environments: tuple[str, ...] = ("production",)
+    development: bool = True
+    state_dir: Path = Path(".truss-llm")
+    webhook_secret: str | None = None
+    worker_concurrency: int = Field(default=4, ge=1)
+    max_body_bytes: int = Field(default=MAX_BODY_BYTES, gt=0)
+    max_async_input_bytes: int = Field(default=MAX_ASYNC_INPUT_BYTES, gt=0)
+    sync_timeout_s: float = Field(default=SYNC_TIMEOUT_S, gt=0)
+    wake_timeout_s: float = Field(default=WAKE_TIMEOUT_S, gt=0)
+    async_run_timeout_s: float = Field(default=ASYNC_RUN_TIMEOUT_S, gt=0)
+    webhook_attempts: int = Field(default=3, ge=1)
+    webhook_backoff_s: float = Field(default=1.0, ge=0)
+    webhook_timeout_s: float = Field(default=30.0, gt=0)
+    scale_to_zero_idle_s: float | None = Field(default=None, gt=0)
+
+    @property
+    def queue_path(self) -> Path:
+        return self.state_dir / "async-queue.sqlite3"
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str | list[str]]:
+    """`TRUSS_LLM_RUNNER_SYNC_TIMEOUT_S=5` -> {"sync_timeout_s": "5"} (lists comma-separated)."""
+    environ = os.environ if environ is None else environ
+    fields = RunnerSettings.model_fields
+    values: dict[str, str | list[str]] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in fields:
+            raise ValueError(f"{key}: no runner setting named {name!r}; "
+                             f"known: {', '.join(sorted(fields))}")
+        values[name] = value.split(",") if name == "environments" else value
+    return values

@@ -1,0 +1,328 @@
+"""Baseten's endpoint surface, in front of the truss server on the same port.
+
+An ASGI app that answers Baseten's routes (predict, async_predict, async_request, queue
+status, wake, the `.../sync/v1/...` OpenAI base path) and hands everything else to the truss
+server's own app unchanged. Sync calls reach the truss app in-process, as a direct ASGI call
+with a rewritten path: no socket, no proxy hop, and streaming passes straight through.
+Limits are enforced where Baseten enforces them: 413 for a body over 100 MB, 504 past the
+sync timeout, the 256 KiB async input cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pydantic
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from starlette.responses import JSONResponse, Response
+
+from truss_llm.errors import describe_validation_error
+from truss_llm.runner import routes
+from truss_llm.runner.body import BodyTooLarge, ClientGone, read_body, replaying
+from truss_llm.runner.lifecycle import ModelLifecycle, WakeTimeout
+from truss_llm.runner.models import AsyncPredictRequest
+from truss_llm.runner.queue import AsyncQueue, PayloadTooLargeError, QueueFullError
+from truss_llm.runner.settings import RunnerSettings
+from truss_llm.runner.worker import AsyncWorker
+
+logger = logging.getLogger(__name__)
+
+ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
+TRUSS_PREDICT = "/v1/models/model:predict"
+ASYNC_REQUEST_PREFIX = "/async_request/"
+
+REQUESTS = Counter("baseten_surface_requests_total", "Requests by route and status code.",
+                   ["route", "code"])
+SYNC_LATENCY = Histogram("baseten_surface_sync_seconds", "Sync predict and OpenAI latency "
+                         "to the first response byte.", ["route"])
+
+
+def baseten_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def openai_error(status: int, message: str) -> JSONResponse:
+    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+            504: "timeout_error"}.get(status, "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None,
+                                   "code": status}}, status_code=status)
+
+
+class BasetenSurface:
+    def __init__(self, truss_app: ASGIApp, model_wrapper: Any, settings: RunnerSettings) -> None:
+        self.truss_app = truss_app
+        self.settings = settings
+        self.lifecycle = ModelLifecycle(model_wrapper, settings.scale_to_zero_idle_s,
+                                        settings.wake_timeout_s)
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self.queue = AsyncQueue(settings.queue_path, settings.model_id, settings.deployment_id)
+        self.worker = AsyncWorker(self.queue, settings, self._call_model)
+        _export_queue_depth(self.queue)
+        self._tasks: list[asyncio.Task] = []
+
+    # -- ASGI entry -------------------------------------------------------------------------
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            await self.truss_app(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        if not self._authorized(scope):
+            route = "openai" if "/v1/" in path else "baseten"
+            render = openai_error if route == "openai" else baseten_error
+            await self._respond(render(401, "Missing or invalid API key: send the header "
+                                            "'Authorization: Api-Key <key>'."),
+                                scope, receive, send, "auth")
+            return
+        if path == "/v1/models" and method == "GET":
+            await self._respond(await self._models(), scope, receive, send, "models")
+            return
+        if path.startswith(ASYNC_REQUEST_PREFIX):
+            request_id = path[len(ASYNC_REQUEST_PREFIX):]
+            await self._respond(await self._async_request(request_id, method), scope, receive,
+                                send, "async_request")
+            return
+        found = routes.match(path)
+        if found is None:
+            await self.truss_app(scope, receive, send)  # truss's own routes, unchanged
+            return
+        await self._dispatch(found, scope, receive, send)
+
+    async def _dispatch(self, found: routes.Match, scope: dict, receive: Callable,
+                        send: Callable) -> None:
+        method, action = scope["method"], found.action
+        if found.target is not None:
+            try:
+                routes.check_target(found.target, self.settings)
+            except routes.UnknownTarget as exc:
+                render = openai_error if action.startswith("/sync/v1/") else baseten_error
+                await self._respond(render(404, str(exc)), scope, receive, send, "unknown")
+                return
+        environment = found.target.name if found.target else "production"
+        if action.startswith(routes.SYNC_PREFIX + "/v1/"):
+            openai_path = action[len(routes.SYNC_PREFIX):]
+            if openai_path == "/v1/models" and method == "GET":
+                await self._respond(await self._models(), scope, receive, send, "models")
+            else:
+                await self._forward(scope, receive, send, openai_path, "openai", openai_error)
+            return
+        expected = routes.ACTIONS.get(action)
+        if expected is None or expected != method:
+            await self._respond(baseten_error(
+                404 if expected is None else 405,
+                f"No route {method} {scope['path']}. Routes: POST .../predict, "
+                "POST .../async_predict, GET .../async_queue_status, POST .../wake, "
+                "POST .../sync/v1/chat/completions, GET/DELETE /async_request/{id}."),
+                scope, receive, send, "unknown")
+            return
+        if action == "/predict":
+            await self._forward(scope, receive, send, TRUSS_PREDICT, "predict", baseten_error)
+        elif action == "/async_predict":
+            await self._respond(await self._async_predict(scope, receive, environment),
+                                scope, receive, send, "async_predict")
+        elif action == "/async_queue_status":
+            await self._respond(await self._queue_status(), scope, receive, send,
+                                "async_queue_status")
+        elif action == "/wake":
+            await self.lifecycle.wake()
+            await self._respond(JSONResponse({}, status_code=202), scope, receive, send, "wake")
+
+    # -- sync: forward to the truss app in-process --------------------------------------------
+    async def _forward(self, scope: dict, receive: Callable, send: Callable, path: str,
+                       route: str, render: Callable[[int, str], Response]) -> None:
+        try:
+            body = await read_body(scope, receive, self.settings.max_body_bytes)
+        except BodyTooLarge as exc:
+            await self._respond(render(413, str(exc)), scope, receive, send, route)
+            return
+        except ClientGone:
+            return
+        inner = {**scope, "path": path, "raw_path": path.encode(), "query_string": b""}
+        started = time.monotonic()
+        status: list[int] = []
+
+        async def send_through(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+                SYNC_LATENCY.labels(route).observe(time.monotonic() - started)
+            await send(message)
+
+        try:
+            async with asyncio.timeout(self.settings.sync_timeout_s):
+                async with self.lifecycle.active():
+                    await self.truss_app(inner, replaying(body, receive), send_through)
+        except WakeTimeout as exc:
+            if not status:
+                await self._respond(render(503, str(exc)), scope, receive, send, route)
+            return
+        except TimeoutError:
+            if status:  # already streaming: all we can do is end the response
+                logger.warning("sync request passed %.0f s mid-stream; closing it",
+                               self.settings.sync_timeout_s)
+                with contextlib.suppress(Exception):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            await self._respond(render(504, f"The request did not finish within the "
+                                            f"{self.settings.sync_timeout_s:.0f} s sync "
+                                            "timeout. Use async_predict for long work."),
+                                scope, receive, send, route)
+            return
+        REQUESTS.labels(route, str(status[0] if status else 0)).inc()
+
+    async def _call_model(self, model_input: bytes) -> tuple[int, bytes]:
+        """Run one async job through the truss predict route, in-process."""
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": TRUSS_PREDICT,
+                 "raw_path": TRUSS_PREDICT.encode(), "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json"),
+                             (b"content-length", str(len(model_input)).encode())],
+                 "client": ("127.0.0.1", 0), "server": ("127.0.0.1", self.settings.port)}
+        done = asyncio.Event()
+        status = 0
+        chunks: list[bytes] = []
+        body_sent = False
+
+        async def receive() -> dict:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": model_input, "more_body": False}
+            await done.wait()  # nobody disconnects from an async job before it is done
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    done.set()
+
+        try:
+            async with self.lifecycle.active():
+                await self.truss_app(scope, receive, send)
+        finally:
+            done.set()
+        return status, b"".join(chunks)
+
+    # -- async -----------------------------------------------------------------------------
+    async def _async_predict(self, scope: dict, receive: Callable, environment: str
+                             ) -> Response:
+        limit = self.settings.max_async_input_bytes
+        try:
+            body = await read_body(scope, receive, limit)
+            raw = body.read()
+            body.close()
+        except BodyTooLarge:
+            return baseten_error(413, f"The async_predict body exceeds {limit:,} bytes "
+                                      "(256 KiB). Put large inputs in object storage and "
+                                      "send pre-signed URLs in model_input.")
+        except ClientGone:
+            return baseten_error(499, "client disconnected")
+        try:
+            request = AsyncPredictRequest.model_validate_json(raw)
+        except pydantic.ValidationError as exc:
+            message, _ = describe_validation_error(exc)
+            return baseten_error(400, message)
+        if isinstance(request.model_input, dict) and request.model_input.get("stream"):
+            return baseten_error(400, "Streaming is not available through async predict: "
+                                      "set model_input.stream to false.")
+        try:
+            request_id = await asyncio.to_thread(self.queue.enqueue, request, environment)
+        except QueueFullError as exc:
+            return baseten_error(429, f"{exc}. Retry with backoff.")
+        except PayloadTooLargeError as exc:
+            return baseten_error(413, str(exc))
+        except ValueError as exc:  # NaN or infinity in model_input
+            return baseten_error(400, f"model_input is not valid JSON: {exc}")
+        self.worker.notify()
+        logger.info("async request %s queued (priority %d)", request_id, request.priority)
+        return JSONResponse({"request_id": request_id}, status_code=201)
+
+    async def _async_request(self, request_id: str, method: str) -> Response:
+        if method not in ("GET", "DELETE") or not request_id or "/" in request_id:
+            return baseten_error(404, "Use GET or DELETE /async_request/{request_id}.")
+        if method == "DELETE":
+            record = await asyncio.to_thread(self.queue.get, request_id)
+            if record is None:
+                return baseten_error(404, f"No async request {request_id}.")
+            if not await asyncio.to_thread(self.queue.cancel, request_id):
+                return baseten_error(400, f"Async request {request_id} is {record.status} "
+                                          "and can no longer be canceled.")
+            return JSONResponse({"request_id": request_id, "canceled": True,
+                                 "message": "Request canceled."})
+        record = await asyncio.to_thread(self.queue.get, request_id)
+        if record is None:
+            return baseten_error(404, f"No async request {request_id}.")
+        return JSONResponse(record.model_dump(mode="json"))
+
+    async def _queue_status(self) -> Response:
+        status = await asyncio.to_thread(self.queue.queue_status)
+        return JSONResponse(status.model_dump(mode="json"))
+
+    # -- helpers ---------------------------------------------------------------------------
+    async def _models(self) -> Response:
+        try:
+            await self.lifecycle.wait_ready()
+        except WakeTimeout as exc:
+            return openai_error(503, str(exc))
+        return JSONResponse(await self.lifecycle._wrapper._model.models())
+
+    def _authorized(self, scope: dict) -> bool:
+        """Every route, truss's own included; `Bearer` is what the OpenAI SDK sends."""
+        key = self.settings.api_key
+        if key is None:
+            return True
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() not in ("api-key", "bearer"):
+            return False
+        return hmac.compare_digest(given.strip().encode(), key.encode())
+
+    async def _respond(self, response: Response, scope: dict, receive: Callable,
+                       send: Callable, route: str) -> None:
+        REQUESTS.labels(route, str(response.status_code)).inc()
+        await response(scope, receive, send)
+
+    async def _lifespan(self, scope: dict, receive: Callable, send: Callable) -> None:
+        """Run the truss app's lifespan (it starts the model's load) and our workers."""
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        try:
+            truss_lifespan = self.truss_app.router.lifespan_context(self.truss_app)
+            await truss_lifespan.__aenter__()
+            self._tasks = [asyncio.create_task(self.worker.run()),
+                           asyncio.create_task(self.lifecycle.run_idle_watch())]
+        except Exception as exc:
+            logger.exception("start-up failed")
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        message = await receive()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await truss_lifespan.__aexit__(None, None, None)
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+def _export_queue_depth(queue: AsyncQueue) -> None:
+    """Queue depth read at scrape time (one indexed COUNT), not on every claim."""
+    for state, field in (("queued", "num_queued_requests"),
+                         ("in_progress", "num_in_progress_requests")):
+        name = f"baseten_surface_async_{state}_requests"
+        if name in REGISTRY._names_to_collectors:
+            REGISTRY.unregister(REGISTRY._names_to_collectors[name])
+        gauge = Gauge(name, f"Async requests {state.replace('_', ' ')}.")
+        gauge.set_function(lambda field=field: getattr(queue.queue_status(), field))
