@@ -129,7 +129,7 @@ def scenario(workdir: Path, mode: Literal["NORMAL", "FULL"],
         job = queue.claim_next()
         claims.append(time.perf_counter() - t)
         if len(claims) % DEPTH_BUCKET == 0:  # labelled with the depth the bucket began at
-            by_depth.append({"depth": depth + (job is not None) - 1 + DEPTH_BUCKET,
+            by_depth.append({"depth": depth + DEPTH_BUCKET - 1,
                              **percentiles_us(claims[-DEPTH_BUCKET:])})
         if job is None:
             break

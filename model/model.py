@@ -13,6 +13,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from truss_llm.engine import Engine
 from truss_llm.errors import baseten_error
+from truss_llm.media.parts import media_policy
 from truss_llm.metrics import register_engine_metrics
 from truss_llm.openai_surface import OpenAISurface
 from truss_llm.settings import resolve_settings
@@ -32,10 +33,12 @@ class Model:
         if token:  # only used when model_path names a hub repo instead of mounted weights
             os.environ.setdefault("HF_TOKEN", token)
         settings = resolve_settings(self._config, self._data_dir)
-        self._engine = Engine(settings)
-        self._surface = OpenAISurface(self._engine)
-        self._engine.start()
-        register_engine_metrics(self._engine)
+        engine = Engine(settings)
+        surface = OpenAISurface(engine, media_policy(self._config))
+        engine.start()
+        register_engine_metrics(engine)
+        # Publish only a started engine: `loaded` must not be true halfway through a load.
+        self._engine, self._surface = engine, surface
 
     def unload(self) -> None:
         """Stop the engine and free its memory (the local runner's scale-to-zero)."""

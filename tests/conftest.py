@@ -28,6 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = REPO / "data" / "tiny-chat"
 MODEL_NAME = "tiny-chat"
 WEBHOOK_SECRET = "whsec_test_secret"
+# The model may fetch media from test servers on 127.0.0.1 (plain http); nothing else.
+LOOPBACK_MEDIA = {"TRUSS_LLM_MEDIA_ALLOW_HTTP": "true",
+                  "TRUSS_LLM_MEDIA_EXTRA_ALLOWED_HOSTS": "127.0.0.1",
+                  "TRUSS_LLM_MEDIA_ALLOWED_NETWORKS": "127.0.0.1/32"}
 READY_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 30
 
@@ -114,7 +118,7 @@ def stop_server(server: Server) -> list[psutil.Process]:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     started = time.monotonic()
-    srv = start_server(log_path, "--webhook-secret", WEBHOOK_SECRET)
+    srv = start_server(log_path, "--webhook-secret", WEBHOOK_SECRET, extra_env=LOOPBACK_MEDIA)
     print(f"\nserver ready in {time.monotonic() - started:.1f} s at {srv.base_url}")
     yield srv
     leftovers = stop_server(srv)

@@ -22,6 +22,8 @@ from starlette.requests import Request
 from truss_llm.cancellation import ClientDisconnected, run_until_disconnected
 from truss_llm.engine import Engine
 from truss_llm.errors import RequestError, baseten_error, error_from_exception, openai_error
+from truss_llm.media.parts import MediaResolver
+from truss_llm.media.policy import FetchPolicy
 from truss_llm.settings import EngineSettings
 
 if TYPE_CHECKING:
@@ -102,8 +104,10 @@ def _sse(stream: AsyncIterator[str]) -> StreamingResponse:
 class OpenAISurface:
     """Chat and completions endpoints over one engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, media_policy: FetchPolicy | None = None) -> None:
         self._engine = engine
+        self._media_policy = media_policy or FetchPolicy()
+        self._media: MediaResolver | None = None
         self._chat = None
         self._completion = None
         self._models = None
@@ -154,6 +158,13 @@ class OpenAISurface:
             client, models, online_renderer=renderer, request_logger=None,
             enable_prompt_tokens_details=True)
         self._models = models
+        tokenizer = client.renderer.tokenizer
+        multimodal = client.model_config.is_multimodal_model
+        self._media = MediaResolver(
+            self._media_policy, settings.served_model_name, client.model_config.max_model_len,
+            longest_token_chars=max(len(token) for token in tokenizer.get_vocab()),
+            modalities=frozenset({"text", "image", "audio", "video"} if multimodal
+                                 else {"text"}))
 
     async def chat_completions(self, request: Request,
                                render_error: ErrorRenderer | None = None) -> Response:
@@ -178,6 +189,7 @@ class OpenAISurface:
 
         check_chat_messages(body)
         check_token_limits(body)
+        body = await self._media.resolve(body)
         parsed = ChatCompletionRequest.model_validate(body)
         return await self._chat.create_chat_completion(parsed, request)
 

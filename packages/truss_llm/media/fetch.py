@@ -91,8 +91,40 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 BACKOFF_JITTER = 0.5  # each delay is drawn from [1 - jitter, 1] x the exponential step
 _ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+HTTPCORE_LOGGERS = ("httpcore.connection", "httpcore.connection_pool", "httpcore.http11",
+                    "httpcore.http2", "httpcore.proxy", "httpcore.socks")
 _FINAL_DNS_ERRORS = frozenset(
     getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name))
+
+
+class _QueryRedactingFilter(logging.Filter):
+    """Blanks query strings in httpcore's debug trace, which prints response headers.
+
+    With DEBUG logging on, httpcore logs every response's headers, and a redirect's
+    Location carries the next hop's pre-signed query. httpcore offers no per-request switch,
+    so its loggers get this filter: any `?key=value...` token loses everything after `?`.
+    """
+
+    _QUERY = re.compile(r"\?[^\s'\"]*=[^\s'\"]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a malformed record: logging reports it itself
+            return True
+        if "?" in message:
+            record.msg, record.args = self._QUERY.sub("?<redacted>", message), ()
+        return True
+
+
+def _install_httpcore_redaction() -> None:
+    for name in HTTPCORE_LOGGERS:
+        httpcore_logger = logging.getLogger(name)
+        if not any(isinstance(f, _QueryRedactingFilter) for f in httpcore_logger.filters):
+            httpcore_logger.addFilter(_QueryRedactingFilter())
+
+
+_install_httpcore_redaction()
 
 
 @dataclass(frozen=True)
@@ -101,7 +133,7 @@ class FetchedFile:
 
     path: Path
     size: int
-    sha256: str  # hex digest of the bytes on disk
+    sha256: str | None  # hex digest of the bytes on disk; None if the policy skipped hashing
     content_type: str | None
 
 
@@ -137,6 +169,15 @@ def _describe_transport_error(exc: httpx.TransportError, policy: FetchPolicy) ->
     if isinstance(exc, httpx.RemoteProtocolError):
         return _Transient("the server broke the HTTP exchange (connection closed early?)")
     return _Transient(f"transfer failed ({type(exc).__name__})")
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 # --- the pinned connection --------------------------------------------------------------------
@@ -195,7 +236,9 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
                 failure = exc
                 continue
-            _verify_peer(stream, address)
+            if not _is_peer(stream, address):
+                await stream.aclose()
+                raise httpcore.ConnectError("connected to an address other than the pinned one")
             return _LargeReadStream(stream)
         raise failure
 
@@ -208,13 +251,12 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-def _verify_peer(stream: httpcore.AsyncNetworkStream, address: str) -> None:
-    """Belt and braces: the socket's peer must be the address we meant to dial."""
+def _is_peer(stream: httpcore.AsyncNetworkStream, address: str) -> bool:
+    """Belt and braces: is the socket's peer the address we meant to dial?"""
     peer = stream.get_extra_info("server_addr")
     if peer is None:  # a test backend without a socket
-        return
-    if ipaddress.ip_address(dial_address(peer[0])) != ipaddress.ip_address(address):
-        raise httpcore.ConnectError("connected to an address other than the pinned one")
+        return True
+    return ipaddress.ip_address(dial_address(peer[0])) == ipaddress.ip_address(address)
 
 
 # httpcore's exceptions as httpx's, which is what an httpx transport must raise.
@@ -325,19 +367,24 @@ class _FileSink:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._inflight: concurrent.futures.Future[None] | None = None
-        self._start_over(want_md5=False)
+        self._start_over(want_sha256=True, want_md5=False)
 
-    async def reset(self, *, want_md5: bool) -> None:
+    async def reset(self, *, want_sha256: bool, want_md5: bool) -> None:
         """Start over (a new attempt): empty file, fresh hashes."""
         await self.drain()
-        self._start_over(want_md5=want_md5)
+        self._start_over(want_sha256=want_sha256, want_md5=want_md5)
 
-    def _start_over(self, *, want_md5: bool) -> None:
-        os.ftruncate(self._fd, 0)
-        os.lseek(self._fd, 0, os.SEEK_SET)
+    def _start_over(self, *, want_sha256: bool, want_md5: bool) -> None:
+        # Only a retry has bytes to drop. Truncating an empty file is not free: ext4 then
+        # takes the rewrite for a replace-via-truncate and flushes the whole file on close.
+        if os.lseek(self._fd, 0, os.SEEK_CUR):
+            os.ftruncate(self._fd, 0)
+            os.lseek(self._fd, 0, os.SEEK_SET)
         self._batch: list[bytes] = []
         self._batch_bytes = 0
-        self.sha256 = hashlib.sha256()
+        # sha256 of every byte costs about as much CPU as the download itself (0.75 s/GiB
+        # here): computed only when the policy or a checksum asks for it.
+        self.sha256 = hashlib.sha256() if want_sha256 else None
         self.md5 = hashlib.md5(usedforsecurity=False) if want_md5 else None
 
     async def write(self, chunk: bytes) -> None:
@@ -364,7 +411,8 @@ class _FileSink:
 
     def _hash_and_write(self, batch: list[bytes]) -> None:
         for chunk in batch:
-            self.sha256.update(chunk)
+            if self.sha256 is not None:
+                self.sha256.update(chunk)
             if self.md5 is not None:
                 self.md5.update(chunk)
             view = memoryview(chunk)
@@ -507,11 +555,18 @@ async def _attempt(target: Target, addresses: list[str], policy: FetchPolicy,
                                  f"{shown}: upstream answered {status}{code}")
             return await _receive(response, target, policy, sink, expected_sha256)
         finally:
-            await response.aclose()
+            # A failure to hang up must not turn "too large" into a retried network error.
+            with contextlib.suppress(httpx.TransportError, OSError):
+                await response.aclose()
     except httpx.TransportError as exc:
+        if _caused_by(exc, ssl.SSLCertVerificationError):  # no retry will fix a certificate
+            raise FetchError(HTTPStatus.UNPROCESSABLE_ENTITY, FetchError.UPSTREAM_ERROR,
+                             f"{shown}: the server's TLS certificate is not valid for "
+                             f"{target.host}") from None
         raise _describe_transport_error(exc, policy) from None
     finally:
-        await transport.aclose()
+        with contextlib.suppress(httpx.TransportError, httpcore.NetworkError, OSError):
+            await transport.aclose()
 
 
 async def _receive(response: httpx.Response, target: Target, policy: FetchPolicy,
@@ -523,7 +578,9 @@ async def _receive(response: httpx.Response, target: Target, policy: FetchPolicy
     checksums = _store_checksums(response.headers)
     if expected_sha256 is not None:
         checksums.insert(0, _Checksum("sha256", bytes.fromhex(expected_sha256), "expected_sha256"))
-    await sink.reset(want_md5=any(c.algorithm == "md5" for c in checksums))
+    await sink.reset(
+        want_sha256=policy.hash_body or any(c.algorithm == "sha256" for c in checksums),
+        want_md5=any(c.algorithm == "md5" for c in checksums))
     size = 0
     limit = policy.max_bytes
     async for chunk in response.aiter_raw():
@@ -694,5 +751,5 @@ async def fetch_to_file(url: str, policy: FetchPolicy, *, deadline: float | None
     elapsed = time.monotonic() - started
     logger.info("fetched %s: %d bytes in %.2f s (%.1f MB/s)", shown, size, elapsed,
                 size / max(elapsed, 1e-9) / 1e6)
-    return FetchedFile(path=path, size=size, sha256=sink.sha256.hexdigest(),
-                       content_type=content_type)
+    digest = sink.sha256.hexdigest() if sink.sha256 is not None else None
+    return FetchedFile(path=path, size=size, sha256=digest, content_type=content_type)

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 GiB = 1024 * 1024 * 1024
 
 DEFAULT_MAX_BYTES = 2 * GiB
@@ -65,6 +66,16 @@ DEFAULT_ALLOWED_HOSTS: tuple[str, ...] = _S3_PATTERNS + _GCS_PATTERNS + _AZURE_B
 _NUMERIC_HOST = re.compile(r"[0-9a-fx.]+")
 # IPv6 prefixes that carry an IPv4 address in their low 32 bits (RFC 6052 NAT64).
 _NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
+# IANA's special-purpose ranges that are not globally reachable, listed here as well as
+# judged by the ipaddress module, whose answers have changed between Python patch releases
+# (192.0.0.8 is "global" on 3.11.7, multicast is "global" everywhere).
+_NOT_PUBLIC = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+    "172.16.0.0/12", "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16",
+    "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    "::/127", "::ffff:0:0/96", "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32",
+    "3fff::/20", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8",
+))
 
 
 class FetchError(Exception):
@@ -127,6 +138,9 @@ class FetchPolicy(BaseModel):
     max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)
     backoff_initial_s: float = Field(default=DEFAULT_BACKOFF_INITIAL_S, ge=0)
     backoff_max_s: float = Field(default=DEFAULT_BACKOFF_MAX_S, ge=0)
+    # sha256 of every fetched byte (FetchedFile.sha256); a checksum to verify turns it on
+    # regardless. The model side turns it off: it costs as much CPU as the download.
+    hash_body: bool = True
 
     @property
     def host_patterns(self) -> tuple[str, ...]:
@@ -169,7 +183,7 @@ def redact_url(url: str) -> str:
     return shown
 
 
-def parse_ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def parse_ip_literal(host: str) -> IPAddress | None:
     """The address a host spells, in any form the C resolver would accept, else None.
 
     Besides dotted quads and IPv6, inet_aton reads 127.1, 2130706433, 0x7f000001 and
@@ -195,18 +209,19 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | Non
         return address.ipv4_mapped
     if address.sixtofour is not None:
         return address.sixtofour
-    if address in _NAT64_PREFIX or address.packed[:12] == bytes(12):  # NAT64, ::a.b.c.d
+    compatible = address.packed[:12] == bytes(12) and int(address) > 1  # ::a.b.c.d, not ::1
+    if compatible or address in _NAT64_PREFIX:
         return ipaddress.IPv4Address(address.packed[12:])
     return None
 
 
-def _judged(address: ipaddress.IPv4Address | ipaddress.IPv6Address):
+def _judged(address: IPAddress) -> IPAddress:
     if isinstance(address, ipaddress.IPv6Address):
         return embedded_ipv4(address) or address
     return address
 
 
-def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+def _is_public(address: IPAddress) -> bool:
     # is_global alone is not enough on Python 3.11: it calls multicast, fec0::/10 site-local
     # and ::a.b.c.d global. Each exclusion is spelled out.
     if (address.is_private or address.is_loopback or address.is_link_local
@@ -214,10 +229,12 @@ def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return False
     if isinstance(address, ipaddress.IPv6Address) and (address.is_site_local or address.scope_id):
         return False
+    if any(address.version == net.version and address in net for net in _NOT_PUBLIC):
+        return False
     return address.is_global
 
 
-def _in_networks(address, policy: FetchPolicy) -> bool:
+def _in_networks(address: IPAddress, policy: FetchPolicy) -> bool:
     return any(address.version == net.version and address in net for net in policy.networks)
 
 
@@ -248,7 +265,7 @@ def check_address(ip: str, policy: FetchPolicy) -> None:
                       f"network is not in allowed_networks")
 
 
-def _describe(address) -> str:
+def _describe(address: IPAddress) -> str:
     for attribute in ("loopback", "link_local", "multicast", "unspecified", "reserved",
                       "private"):
         if getattr(address, f"is_{attribute}"):

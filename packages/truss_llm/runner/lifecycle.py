@@ -57,6 +57,7 @@ class ModelLifecycle:
                 return  # truss is still running the first load(); nothing to start
             if self._reload is None or self._reload.done():
                 logger.info("waking the model")
+                self._last_active = time.monotonic()
                 self._reload = asyncio.create_task(asyncio.to_thread(model.load))
 
     async def wait_ready(self) -> None:
@@ -90,10 +91,16 @@ class ModelLifecycle:
         """Unload the model once it has been idle for `idle_s` (scale to zero)."""
         if self._idle_s is None:
             return
+        was_loaded = False
         while True:
             await asyncio.sleep(IDLE_CHECK_S)
+            if self.loaded and not was_loaded:
+                self._last_active = time.monotonic()  # idle time counts from a (re)load
+            was_loaded = self.loaded
             idle_for = time.monotonic() - self._last_active
-            if self._in_flight == 0 and idle_for >= self._idle_s and self.loaded:
+            reloading = self._reload is not None and not self._reload.done()
+            if self._in_flight == 0 and idle_for >= self._idle_s and self.loaded \
+                    and not reloading:
                 async with self._lock:
                     if self._in_flight == 0 and self.loaded:
                         logger.info("idle for %.0f s: scaling to zero", idle_for)

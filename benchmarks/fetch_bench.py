@@ -1,0 +1,365 @@
+"""How fast, and in how much memory, `fetch_to_file` downloads a large object, next to curl.
+
+A 1 GiB file of random bytes is served over loopback by a small sendfile-based HTTP server
+in its own process (so it does not share the fetcher's event loop or GIL). After one untimed
+warm-up download, each repetition downloads it once with `curl -s -o <file>` and once with
+`fetch_to_file` (policy allowing 127.0.0.1 only), in rotating order, each into a file that
+is then deleted. Our fetch runs in a child process doing nothing else, which reports its
+own timing, the sha256 it computed and the growth of its peak RSS (getrusage ru_maxrss,
+cross-checked by sampling /proc/self/statm every few milliseconds) over its RSS just
+before the fetch.
+
+Throughput is bytes / transfer time in MB/s (10^6 bytes per second): curl's own
+`time_total`, and the time around `fetch_to_file` in the child; neither counts process
+start-up. CPU seconds per GiB (user + system, worker threads included) show where the time
+goes. The goals: ours/curl >= 0.9, RSS growth < 64 MiB.
+
+A third variant runs `fetch_to_file` with `hash_body=False`, as the model side does (curl
+computes no digest either): the gap between the two is the price of the digest on this
+machine, the gap to curl what is left of httpx/httpcore's receive path.
+
+    .venv/bin/python benchmarks/fetch_bench.py     # about 20 s on 2 cores
+
+Writes benchmarks/results/fetch_bench.json and fetch_bench.png, prints a table, and deletes
+the 1 GiB file and every download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpcore
+import httpx
+from truss_llm.media import fetch
+from truss_llm.media.fetch import FetchPolicy, fetch_to_file
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MiB = 1024 * 1024
+DEFAULT_SIZE_MIB = 1024
+DEFAULT_REPETITIONS = 3
+GENERATE_BLOCK = 4 * MiB  # random block written repeatedly, with a counter to vary it
+SENDFILE_BLOCK = 8 * MiB
+RSS_SAMPLE_INTERVAL_S = 0.005
+SERVER_START_TIMEOUT_S = 10
+FETCH_TIMEOUT_S = 120
+SHA256_PROBE_BLOCKS = 64
+TOOLS = ("curl", "fetch_to_file", "fetch_to_file_no_sha256")
+GOAL_RATIO = 0.9
+GOAL_RSS_GROWTH_MIB = 64
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+# --- the server process -----------------------------------------------------------------------
+
+
+class _FileHandler(BaseHTTPRequestHandler):
+    """Serves the one file with sendfile: the kernel copies, Python stays out of the way."""
+
+    protocol_version = "HTTP/1.1"
+    file_path: Path
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        size = self.file_path.stat().st_size
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        self.wfile.flush()
+        with self.file_path.open("rb") as source:
+            offset = 0
+            while offset < size:
+                sent = os.sendfile(self.connection.fileno(), source.fileno(), offset,
+                                   min(SENDFILE_BLOCK, size - offset))
+                if sent == 0:
+                    break
+                offset += sent
+
+
+def serve(file_path: Path) -> None:
+    """Run the server on a free loopback port; print the port, serve until terminated."""
+    _FileHandler.file_path = file_path
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FileHandler)
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+# --- the fetch process ------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE_SIZE
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def fetch_once(url: str, directory: Path, sha256: bool = True) -> dict[str, Any]:
+    """Fetch `url` once in this process; report time, digest and RSS growth as JSON."""
+    policy = FetchPolicy(allow_http=True, extra_allowed_hosts=("127.0.0.1",),
+                         allowed_networks=("127.0.0.1/32",), max_bytes=4 * 1024 * MiB,
+                         total_timeout_s=FETCH_TIMEOUT_S, hash_body=sha256)
+    peak_sampled = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_sampled
+        while not stop.is_set():
+            peak_sampled = max(peak_sampled, _rss_bytes())
+            time.sleep(RSS_SAMPLE_INTERVAL_S)
+
+    async def run() -> tuple[float, Any]:
+        # Warm what a serving process has warm already: the event loop, the I/O threads.
+        await asyncio.sleep(0)
+        started = time.perf_counter()
+        result = await fetch_to_file(url, policy, directory=directory)
+        return time.perf_counter() - started, result
+
+    rss_before = _rss_bytes()
+    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    cpu_before = _cpu_s()
+    seconds, result = asyncio.run(run())
+    cpu_s = _cpu_s() - cpu_before
+    stop.set()
+    sampler.join()
+    maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result.path.unlink()
+    return {
+        "seconds": seconds, "cpu_s": cpu_s, "size": result.size,
+        "sha256": result.sha256 if sha256 else None,
+        "rss_before": rss_before, "rss_peak_sampled": peak_sampled,
+        "rss_growth": max(maxrss_after - max(maxrss_before, rss_before),
+                          peak_sampled - rss_before, 0),
+    }
+
+
+# --- the driver ---------------------------------------------------------------------------------
+
+
+def generate(path: Path, size: int) -> str:
+    """Write `size` incompressible bytes; return their sha256."""
+    digest = hashlib.sha256()
+    block = bytearray(os.urandom(GENERATE_BLOCK))
+    with path.open("wb") as out:
+        for index in range(size // GENERATE_BLOCK):
+            block[:8] = index.to_bytes(8, "little")
+            digest.update(block)
+            out.write(block)
+    return digest.hexdigest()
+
+
+def run_curl(url: str, directory: Path) -> dict[str, Any]:
+    target = directory / "curl.out"
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    completed = subprocess.run(
+        ["curl", "-s", "-S", "-f", "-o", str(target), "-w", "%{time_total} %{size_download}",
+         url], check=True, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds, size = completed.stdout.split()
+    target.unlink()
+    cpu_s = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
+    return {"seconds": float(seconds), "size": int(size), "cpu_s": cpu_s}
+
+
+def run_ours(url: str, directory: Path, sha256: bool = True) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--fetch", url, "--directory", str(directory)]
+    if not sha256:
+        command.append("--no-sha256")
+    completed = subprocess.run(command, check=True, capture_output=True, text=True,
+                               timeout=FETCH_TIMEOUT_S)
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def run_ours_without_sha256(url: str, directory: Path) -> dict[str, Any]:
+    return run_ours(url, directory, sha256=False)
+
+
+def hashlib_sha256_mb_per_s() -> float:
+    """This machine's sha256 speed on one core, for reading the CPU columns."""
+    block = os.urandom(GENERATE_BLOCK)
+    digest = hashlib.sha256()
+    started = time.perf_counter()
+    for _ in range(SHA256_PROBE_BLOCKS):
+        digest.update(block)
+    return SHA256_PROBE_BLOCKS * len(block) / (time.perf_counter() - started) / 1e6
+
+
+def mb_per_s(run: dict[str, Any]) -> float:
+    return run["size"] / run["seconds"] / 1e6
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    reps = sorted({r["repetition"] for r in runs})
+    colors = {"curl": "#888888", "fetch_to_file": "#1f77b4",
+              "fetch_to_file_no_sha256": "#aec7e8"}
+    fig, (speed, cpu, memory) = plt.subplots(1, 3, figsize=(15, 4.8))
+    width = 0.27
+    for index, tool in enumerate(TOOLS):
+        offset = (index - 1) * width
+        mine = {r["repetition"]: r for r in runs if r["tool"] == tool}
+        label = tool.replace("_no_sha256", " (hash_body=False, as the model uses it)")
+        speed.bar([n + offset for n in reps], [mine[n]["mb_per_s"] for n in reps], width,
+                  label=label, color=colors[tool])
+        cpu.bar([n + offset for n in reps], [mine[n]["cpu_s_per_gib"] for n in reps], width,
+                label=label, color=colors[tool])
+    summary = results["summary"]
+    for axis, unit in ((speed, "MB/s (10^6 B/s)"), (cpu, "CPU s per GiB (user + sys)")):
+        axis.set_xticks(reps, [f"rep {n}" for n in reps])
+        axis.set_ylabel(unit)
+    speed.set_title(f"{results['config']['size_mib']} MiB over loopback, "
+                    f"{results['config']['cpus']} cores: ours/curl = "
+                    f"{summary['ratio_median']:.2f}", fontsize=10)
+    speed.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, fontsize=8)
+    cpu.set_title(f"CPU per GiB (hashlib sha256 alone: "
+                  f"{results['config']['sha256_cpu_s_per_gib']:.2f} s/GiB)", fontsize=10)
+    growth = [r["rss_growth"] / MiB for r in runs if r["tool"] == "fetch_to_file"]
+    memory.bar(reps, growth, 0.5, color=colors["fetch_to_file"])
+    memory.axhline(GOAL_RSS_GROWTH_MIB, color="red", linestyle="--", label="goal")
+    memory.set_xticks(reps, [f"rep {n}" for n in reps])
+    memory.set_ylabel("MiB")
+    memory.set_title("fetch_to_file: peak RSS growth during the fetch", fontsize=10)
+    memory.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print(f"\n{'rep':>3}  {'tool':<24} {'seconds':>8} {'MB/s':>7} {'CPU s/GiB':>10} "
+          f"{'RSS growth':>11}")
+    for run in results["runs"]:
+        growth = f"{run['rss_growth'] / MiB:7.1f} MiB" if "rss_growth" in run else ""
+        print(f"{run['repetition']:>3}  {run['tool']:<24} {run['seconds']:8.2f} "
+              f"{run['mb_per_s']:7.0f} {run['cpu_s_per_gib']:10.2f} {growth:>11}")
+    s = results["summary"]
+    print(f"\nmedian MB/s: curl {s['mb_per_s_median']['curl']:.0f}, fetch_to_file "
+          f"{s['mb_per_s_median']['fetch_to_file']:.0f}, without sha256 (diagnostic) "
+          f"{s['mb_per_s_median']['fetch_to_file_no_sha256']:.0f}")
+    print(f"ours/curl {s['ratio_median']:.2f} (goal >= {GOAL_RATIO}; without sha256 "
+          f"{s['ratio_no_sha256_median']:.2f}); max RSS growth {s['max_rss_growth_mib']:.1f} "
+          f"MiB (goal < {GOAL_RSS_GROWTH_MIB})")
+
+
+def benchmark(size_mib: int, repetitions: int, workdir: Path | None) -> dict[str, Any]:
+    directory = Path(tempfile.mkdtemp(prefix="fetch-bench-", dir=workdir))
+    server: subprocess.Popen[str] | None = None
+    runners = {"curl": run_curl, "fetch_to_file": run_ours,
+               "fetch_to_file_no_sha256": run_ours_without_sha256}
+    runs = []
+    try:
+        source = directory / "object.bin"
+        started = time.monotonic()
+        expected = generate(source, size_mib * MiB)
+        print(f"generated {size_mib} MiB in {time.monotonic() - started:.1f} s", flush=True)
+        server = subprocess.Popen([sys.executable, __file__, "--serve", str(source)],
+                                  stdout=subprocess.PIPE, text=True)
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        url = f"http://127.0.0.1:{port}/object.bin"
+        downloads = directory / "downloads"
+        downloads.mkdir()
+        run_curl(url, downloads)  # untimed warm-up: the fresh source file's dirty pages
+        for repetition in range(1, repetitions + 1):
+            shift = (repetition - 1) % len(TOOLS)  # rotate who goes first
+            for tool in TOOLS[shift:] + TOOLS[:shift]:
+                run = runners[tool](url, downloads)
+                if run["size"] != size_mib * MiB:
+                    raise RuntimeError(f"{tool} downloaded {run['size']} bytes")
+                if tool == "fetch_to_file" and run["sha256"] != expected:
+                    raise RuntimeError("fetch_to_file's sha256 does not match the source")
+                run.update(tool=tool, repetition=repetition, mb_per_s=mb_per_s(run),
+                           cpu_s_per_gib=run["cpu_s"] / (run["size"] / (1024 * MiB)))
+                runs.append(run)
+                print(f"rep {repetition} {tool}: {run['mb_per_s']:.0f} MB/s", flush=True)
+    finally:
+        if server is not None:
+            server.terminate()  # our own child, by its handle
+            server.wait(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)  # the 1 GiB file and any download
+    medians = {tool: statistics.median(r["mb_per_s"] for r in runs if r["tool"] == tool)
+               for tool in TOOLS}
+    by_rep = {(r["tool"], r["repetition"]): r["mb_per_s"] for r in runs}
+    sha256_speed = hashlib_sha256_mb_per_s()
+    return {
+        "config": {
+            "size_mib": size_mib, "repetitions": repetitions, "cpus": os.cpu_count(),
+            "python": platform.python_version(), "httpx": httpx.__version__,
+            "httpcore": httpcore.__version__, "socket_read_bytes": fetch.SOCKET_READ_BYTES,
+            "write_batch_bytes": fetch.WRITE_BATCH_BYTES,
+            "curl": subprocess.run(["curl", "--version"], capture_output=True,
+                                   text=True).stdout.splitlines()[0],
+            "sha256_mb_per_s_one_core": sha256_speed,
+            "sha256_cpu_s_per_gib": 1024 * MiB / 1e6 / sha256_speed,
+            "load_average_at_end": os.getloadavg(),
+        },
+        "runs": runs,
+        "summary": {
+            "mb_per_s_median": medians,
+            "ratio_median": medians["fetch_to_file"] / medians["curl"],
+            "ratio_no_sha256_median": medians["fetch_to_file_no_sha256"] / medians["curl"],
+            "ratio_per_repetition": [by_rep["fetch_to_file", n] / by_rep["curl", n]
+                                     for n in range(1, repetitions + 1)],
+            "cpu_s_per_gib_median": {
+                tool: statistics.median(r["cpu_s_per_gib"] for r in runs if r["tool"] == tool)
+                for tool in TOOLS},
+            "max_rss_growth_mib": max(r["rss_growth"] for r in runs
+                                      if r["tool"] == "fetch_to_file") / MiB,
+            "goal_ratio": GOAL_RATIO, "goal_rss_growth_mib": GOAL_RSS_GROWTH_MIB,
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=DEFAULT_SIZE_MIB)
+    parser.add_argument("--repetitions", type=int, default=DEFAULT_REPETITIONS)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the temporary file goes (default: the temp directory)")
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--fetch", help=argparse.SUPPRESS)
+    parser.add_argument("--directory", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--no-sha256", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return
+    if args.fetch:
+        print(json.dumps(fetch_once(args.fetch, args.directory, sha256=not args.no_sha256)))
+        return
+    results = benchmark(args.size_mib, args.repetitions, args.workdir)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "fetch_bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, RESULTS_DIR / "fetch_bench.png")
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()

