@@ -18,13 +18,27 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import boto3
 import httpx
 import psutil
 import pytest
+from botocore.config import Config
+from moto.server import ThreadedMotoServer
 from openai import OpenAI
 
 REPO = Path(__file__).resolve().parents[1]
+# S3 in tests is moto's server on 127.0.0.1 with fake credentials.
+BUCKET = "truss-llm-test"
+REGION = "us-east-1"
+FAKE_KEY_ID = "testing"
+FAKE_SECRET = "testing"
+# Variables that could send boto3 or httpx somewhere other than 127.0.0.1.
+UNSAFE_ENV = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ROLE_ARN",
+              "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+              "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+              "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 TINY_MODEL = REPO / "data" / "tiny-chat"
 MODEL_NAME = "tiny-chat"
 WEBHOOK_SECRET = "whsec_test_secret"
@@ -159,8 +173,8 @@ class WebhookReceiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 with receiver.arrived:
-                    receiver.deliveries.append(
-                        Delivery(self.path, body, {k.lower(): v for k, v in self.headers.items()}))
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    receiver.deliveries.append(Delivery(self.path, body, headers))
                     receiver.arrived.notify_all()
                 self.send_response(500 if self.path.startswith("/fail") else 200)
                 self.send_header("content-length", "0")
@@ -206,3 +220,43 @@ def wait_for_status(base_url: str, request_id: str, statuses: set[str], timeout:
             return record
         time.sleep(0.1)
     raise AssertionError(f"{request_id} never reached {statuses}: {record}")
+
+
+# -- S3 (moto) fixtures ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def aws_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    missing = tmp_path_factory.mktemp("aws") / "absent"
+    with pytest.MonkeyPatch.context() as mp:
+        for name in UNSAFE_ENV:
+            mp.delenv(name, raising=False)
+        mp.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+        mp.setenv("AWS_DEFAULT_REGION", REGION)
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        mp.setenv("AWS_CONFIG_FILE", str(missing))
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(missing))
+        mp.setenv("NO_PROXY", "127.0.0.1,localhost")
+        mp.setenv("no_proxy", "127.0.0.1,localhost")
+        yield
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(aws_env: None) -> Iterator[str]:
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(s3_endpoint: str) -> Any:
+    client = boto3.client(
+        "s3", endpoint_url=s3_endpoint, region_name=REGION, aws_access_key_id=FAKE_KEY_ID,
+        aws_secret_access_key=FAKE_SECRET,
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
+    client.create_bucket(Bucket=BUCKET)
+    return client

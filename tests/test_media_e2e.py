@@ -12,9 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-
-from conftest import MODEL_NAME, Server
-from test_media_upload import BUCKET, aws_env, s3, s3_endpoint  # noqa: F401 (fixtures)
+from conftest import BUCKET, MODEL_NAME, Server
 from truss_llm.media.parts import DOCUMENT_TEMPLATE
 from truss_llm.media.storage import S3Store
 from truss_llm.media.upload import attach_file, fit_request
@@ -36,7 +34,7 @@ def prompt_tokens(http: httpx.Client, body: dict[str, Any]) -> int:
 
 
 @pytest.fixture
-def store(s3: Any, s3_endpoint: str) -> S3Store:  # noqa: F811
+def store(s3: Any) -> S3Store:
     return S3Store(BUCKET, client=s3, show_progress=False)
 
 

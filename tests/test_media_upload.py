@@ -22,13 +22,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import boto3
 import httpx
 import pytest
-from botocore.config import Config
-from conftest import free_port
-from moto.server import ThreadedMotoServer
-from truss_llm.media.client_cli import main as cli_main
+from conftest import BUCKET, REGION
+from truss_llm.cli import main as cli_main
 from truss_llm.media.client_cli import parse_size
 from truss_llm.media.storage import MULTIPART_CHUNK_BYTES, S3_PRESIGN_MAX_EXPIRY_S, S3Store
 from truss_llm.media.upload import (
@@ -47,20 +44,11 @@ from truss_llm.media.upload import (
     send,
 )
 
-BUCKET = "truss-llm-test"
-REGION = "us-east-1"
-FAKE_KEY_ID = "testing"
-FAKE_SECRET = "testing"
 MB = 1000 * 1000
 BIG_FILE_BYTES = 101 * MB  # over the 100 MB edge cap on its own, before base64
 WRITE_CHUNK_BYTES = 4 * 1024 * 1024
 IMAGE_BYTES = 300 * 1000
 SIGNATURE_PARAM = "X-Amz-Signature"
-# Variables that could send boto3 or httpx somewhere other than 127.0.0.1.
-UNSAFE_ENV = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ROLE_ARN",
-              "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-              "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-              "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
 
 def chat(content: Any = "Describe the attachment.") -> dict[str, Any]:
@@ -94,46 +82,6 @@ def query(url: str) -> dict[str, list[str]]:
 def keys_under(s3: Any, store: S3Store, key_prefix: str) -> list[str]:
     listing = s3.list_objects_v2(Bucket=BUCKET, Prefix=store.object_key(key_prefix))
     return [item["Key"] for item in listing.get("Contents", [])]
-
-
-# -- fixtures -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def aws_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    missing = tmp_path_factory.mktemp("aws") / "absent"
-    with pytest.MonkeyPatch.context() as mp:
-        for name in UNSAFE_ENV:
-            mp.delenv(name, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
-        mp.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
-        mp.setenv("AWS_DEFAULT_REGION", REGION)
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        mp.setenv("AWS_CONFIG_FILE", str(missing))
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(missing))
-        mp.setenv("NO_PROXY", "127.0.0.1,localhost")
-        mp.setenv("no_proxy", "127.0.0.1,localhost")
-        yield
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(aws_env: None) -> Iterator[str]:
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def s3(s3_endpoint: str) -> Any:
-    client = boto3.client(
-        "s3", endpoint_url=s3_endpoint, region_name=REGION, aws_access_key_id=FAKE_KEY_ID,
-        aws_secret_access_key=FAKE_SECRET,
-        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
-    client.create_bucket(Bucket=BUCKET)
-    return client
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import time
 import httpx
 import psutil
 import pytest
-
 from conftest import (
     MODEL_NAME,
     WebhookReceiver,

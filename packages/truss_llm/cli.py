@@ -11,6 +11,7 @@ generate, and stops everything it started on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 import threading
 import time
@@ -92,6 +93,14 @@ def runner_settings(args: argparse.Namespace) -> RunnerSettings:
     return RunnerSettings.model_validate(values)
 
 
+def _is_wildcard(host: str) -> bool:
+    """An all-interfaces bind address: the banner then shows the loopback URL."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def serve(args: argparse.Namespace) -> int:
     truss_dir = args.truss_dir.resolve()
     settings = runner_settings(args)
@@ -104,7 +113,7 @@ def serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     server = build_server(truss_dir, host=settings.host, port=settings.port,
                           log_level=args.log_level, runner=settings)
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    host = "127.0.0.1" if _is_wildcard(settings.host) else settings.host
     stop = threading.Event()
     threading.Thread(target=_announce_when_ready, daemon=True,
                      args=(f"http://{host}:{settings.port}", _model_name(truss_dir),

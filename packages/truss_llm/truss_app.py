@@ -4,7 +4,7 @@ The server is FastAPI code that truss ships as templates and normally copies int
 (`/app`, with bundled packages at `/packages`). Here we put the same modules on the import
 path, give them the truss directory as their working directory, and run the very app
 `TrussServer.create_application()` builds, on uvicorn bound to 127.0.0.1 (the template binds
-0.0.0.0, hard-coded, which a local runner must not do).
+every interface, hard-coded, which a local runner must not do).
 """
 
 from __future__ import annotations

@@ -181,18 +181,3 @@ def run_send(args: argparse.Namespace) -> int:
         return fail(f"{type(exc).__name__}: {exc}")
     _print_response(response)
     return 0 if response.is_success else EXIT_FAILED
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="truss-llm", description=__doc__.splitlines()[0])
-    add_send_command(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
