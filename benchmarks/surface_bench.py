@@ -13,7 +13,9 @@ Starts `truss-llm serve` (the real truss server, the vLLM CPU engine, the tiny m
    order flipped every round (ABBA), so drift on a noisy
    machine hits both routes alike. Per round: output tokens/s (from usage), TTFT p50/p95,
    request latency p50; per concurrency the median ratio surface/direct (goal >= 0.95) and
-   its spread across rounds.
+   its spread across rounds. Also, in-process and noise-free: the microseconds the
+   forwarding path adds per request and per streamed chunk (a stub app, no HTTP, no engine),
+   and what that is as a share of one core at the measured throughput.
 2. Async enqueue and drain, per worker count (4, then 8 on a second server): N short
    requests (max_tokens 8) enqueued by a few concurrent clients as fast as they go (the
    enqueue rate, HTTP round trip included), the drain rate from the first enqueue until the
@@ -213,9 +215,12 @@ def summarize_log(path: Path) -> dict[str, Any]:
             level, message = record.get("levelname", "?"), str(record.get("message", ""))
         except (ValueError, AttributeError):
             plain_lines += 1
-            upper = line.upper()
-            level = next((lv for lv in ("ERROR", "WARNING", "TRACEBACK") if lv in upper), None)
-            if level is None:
+            found = re.search(r"\b(ERROR|WARNING|CRITICAL)\b", line)
+            if line.startswith("Traceback (most recent call last)"):
+                level = "TRACEBACK"
+            elif found:
+                level = found.group(1)
+            else:
                 continue
             message = line
         levels[level] += 1
@@ -372,6 +377,106 @@ async def surface_overhead(server: Server, levels: list[int], rounds: int,
             out["levels"][str(level)] = summary
     out["wall_s"] = rnd(now() - started, 1)
     return out
+
+
+# -- part 1b: the forwarding path's own cost, in-process --------------------------------------
+SSE_CHUNK = (b'data: {"id":"chatcmpl-0","object":"chat.completion.chunk","created":0,'
+             b'"model":"tiny-chat","choices":[{"index":0,"delta":{"content":" abc"},'
+             b'"logprobs":null,"finish_reason":null}]}\n\n')
+
+
+def forwarding_cost(repeats: int = 7) -> dict[str, Any]:
+    """Microseconds the surface adds per request and per streamed chunk, measured without
+    HTTP or an engine: a BasetenSurface around a stub ASGI app that streams N SSE chunks,
+    called in-process on the pass-through path (/v1/chat/completions) and on the forwarding
+    path (.../sync/v1/chat/completions), alternately, median of `repeats` runs. A noise-free
+    bound for what the HTTP rounds above try to resolve on a noisy machine."""
+    from truss_llm.runner.settings import RunnerSettings
+    from truss_llm.runner.surface import BasetenSurface
+
+    payload = json.dumps(chat_body(0, STREAM_MAX_TOKENS, True)).encode()
+
+    def stub(chunks: int) -> Any:
+        async def app(scope: dict, receive: Any, send: Any) -> None:
+            more = True
+            while more:
+                more = (await receive()).get("more_body", False)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})
+            for _ in range(chunks):
+                await send({"type": "http.response.body", "body": SSE_CHUNK, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return app
+
+    class Wrapper:  # what the lifecycle reads from truss's ModelWrapper
+        ready, load_failed = True, False
+
+        class _model:
+            loaded = True
+
+    def scope(path: str) -> dict:
+        return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+                "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+                "server": ("127.0.0.1", 8080),
+                "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode())]}
+
+    async def call(surface: Any, path: str) -> None:
+        delivered = False
+
+        async def receive() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": payload, "more_body": False}
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            pass
+
+        await surface(scope(path), receive, send)
+
+    async def timed(surface: Any, path: str, n: int) -> float:
+        started = now()
+        for _ in range(n):
+            await call(surface, path)
+        return (now() - started) / n
+
+    async def run(state_dir: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for chunks in (1, STREAM_MAX_TOKENS):
+            surface = BasetenSurface(stub(chunks), Wrapper(),
+                                     RunnerSettings(state_dir=state_dir))
+            n = 2000 if chunks == 1 else 300
+            samples: dict[str, list[float]] = {"direct": [], "surface": []}
+            for r in range(repeats):
+                order = ("direct", "surface") if r % 2 == 0 else ("surface", "direct")
+                for route in order:
+                    samples[route].append(await timed(surface, ROUTES[route], n))
+            out[f"{chunks}_chunks"] = {f"{route}_us": round(statistics.median(v) * 1e6, 1)
+                                       for route, v in samples.items()}
+        one, many = out["1_chunks"], out[f"{STREAM_MAX_TOKENS}_chunks"]
+        per_request = one["surface_us"] - one["direct_us"]
+        per_chunk = ((many["surface_us"] - many["direct_us"]) - per_request) / (
+            STREAM_MAX_TOKENS - 1)
+        out["extra_us_per_request"] = round(per_request, 1)
+        out["extra_us_per_chunk"] = round(max(per_chunk, 0.0), 3)
+        return out
+
+    state_dir = Path(tempfile.mkdtemp(prefix="surface-bench-inproc-"))
+    try:
+        return asyncio.run(run(state_dir))
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def forwarding_cpu_share(cost: dict[str, Any], tokens_per_s: float) -> float:
+    """Share of one core the forwarding path costs at this streaming throughput."""
+    requests_per_s = tokens_per_s / STREAM_MAX_TOKENS
+    return (cost["extra_us_per_request"] * requests_per_s
+            + cost["extra_us_per_chunk"] * tokens_per_s) / 1e6
 
 
 # -- part 2: async enqueue and drain -------------------------------------------------------
@@ -564,6 +669,14 @@ def print_table(report: dict[str, Any]) -> None:
             f"{d['latency_p50_s']:.2f} / {u['latency_p50_s']:.2f}",
             f"{d['errors']} / {u['errors']}"))
     _print_rows(rows)
+    cost = report["surface_overhead"].get("in_process_cost")
+    if cost:
+        shares = {level: f"{s['forwarding_cpu_share_of_one_core'] * 100:.3f}%"
+                  for level, s in report["surface_overhead"]["levels"].items()
+                  if "forwarding_cpu_share_of_one_core" in s}
+        print(f"in-process forwarding cost (no HTTP, no engine): "
+              f"+{cost['extra_us_per_request']} us/request, +{cost['extra_us_per_chunk']} "
+              f"us/chunk -> share of one core at the measured throughput: {shares}")
 
     print("\n== Async: enqueue and drain (max_tokens 8) ==")
     rows = [("workers", "N", "enqueue req/s", "enq p50/p99 ms", "drain s", "drain req/s",
@@ -774,6 +887,11 @@ def main(argv: list[str] | None = None) -> int:
                  "workers": worker_counts, "do_50k": do_50k, "overhead_budget_s": budget},
         "server_log_dir": str(log_dir), "servers": {}, "async": {}}
     try:
+        print("part 1b: the forwarding path's own cost, in-process (no HTTP, no engine)",
+              flush=True)
+        cost = forwarding_cost()
+        print(f"  +{cost['extra_us_per_request']} us per request, "
+              f"+{cost['extra_us_per_chunk']} us per streamed chunk", flush=True)
         for k, workers in enumerate(worker_counts):
             name = f"workers{workers}"
             with running_server(log_dir, name, workers) as server:
@@ -784,6 +902,12 @@ def main(argv: list[str] | None = None) -> int:
                     report["surface_overhead"] = asyncio.run(
                         surface_overhead(server, levels, rounds, 2 if quick else 4,
                                          4 if quick else 8, budget))
+                    report["surface_overhead"]["in_process_cost"] = cost
+                    for summary in report["surface_overhead"]["levels"].values():
+                        if "direct" in summary:
+                            summary["forwarding_cpu_share_of_one_core"] = round(
+                                forwarding_cpu_share(cost, summary["direct"]["tokens_per_s"]),
+                                5)
                 print(f"part 2: async enqueue/drain, workers {workers}", flush=True)
                 report["async"][name] = asyncio.run(
                     async_drain(server, workers, async_n, drain_timeout_s=300))

@@ -37,12 +37,13 @@ class ModelLifecycle:
         self._lock = asyncio.Lock()
 
     @property
-    def _model(self) -> Any | None:
+    def model(self) -> Any | None:
+        """Our `Model` instance, once truss has finished its first load()."""
         return self._wrapper._model if self._wrapper.ready else None
 
     @property
     def loaded(self) -> bool:
-        model = self._model
+        model = self.model
         return model is not None and getattr(model, "loaded", True)
 
     @property
@@ -52,7 +53,7 @@ class ModelLifecycle:
     async def wake(self) -> None:
         """Start loading if unloaded; returns at once (the `/wake` route)."""
         async with self._lock:
-            model = self._model
+            model = self.model
             if model is None or self.loaded:
                 return  # truss is still running the first load(); nothing to start
             if self._reload is None or self._reload.done():
@@ -63,11 +64,11 @@ class ModelLifecycle:
     async def wait_ready(self) -> None:
         """Wake if needed and wait until the engine can serve, bounded by the wake timeout."""
         self._last_active = time.monotonic()
-        if self.loaded and self._model is not None:
+        if self.loaded and self.model is not None:
             return
         await self.wake()
         deadline = time.monotonic() + self._wake_timeout_s
-        while not (self.loaded and await self._model.is_healthy()):
+        while not (self.loaded and await self.model.is_healthy()):
             if self._wrapper.load_failed or (self._reload and self._reload.done()
                                              and self._reload.exception()):
                 raise WakeTimeout("The model failed to load; see the server log.")
@@ -104,4 +105,4 @@ class ModelLifecycle:
                 async with self._lock:
                     if self._in_flight == 0 and self.loaded:
                         logger.info("idle for %.0f s: scaling to zero", idle_for)
-                        await asyncio.to_thread(self._model.unload)
+                        await asyncio.to_thread(self.model.unload)

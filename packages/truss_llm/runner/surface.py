@@ -275,7 +275,7 @@ class BasetenSurface:
             await self.lifecycle.wait_ready()
         except WakeTimeout as exc:
             return openai_error(503, str(exc))
-        return JSONResponse(await self.lifecycle._wrapper._model.models())
+        return JSONResponse(await self.lifecycle.model.models())
 
     def _authorized(self, scope: dict) -> bool:
         """Every route, truss's own included; `Bearer` is what the OpenAI SDK sends."""
