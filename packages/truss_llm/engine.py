@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from truss_llm.settings import EngineSettings
@@ -69,7 +70,7 @@ class Engine:
         self._client: AsyncLLM | None = None
         self._ready = False
         self._setup_lock: asyncio.Lock | None = None
-        self._on_ready: list = []
+        self._on_ready: list[Callable[[AsyncLLM], Awaitable[None]]] = []
 
     @property
     def client(self) -> AsyncLLM:
@@ -91,7 +92,7 @@ class Engine:
         logger.info("vLLM engine for %s built in %.1f s", self.settings.served_model_name,
                     time.perf_counter() - started)
 
-    def on_ready(self, setup) -> None:
+    def on_ready(self, setup: Callable[[AsyncLLM], Awaitable[None]]) -> None:
         """Register an async callable run once on the server loop before the first request."""
         self._on_ready.append(setup)
 

@@ -221,7 +221,7 @@ class OpenAISurface:
         except ClientDisconnected:
             logger.info("client disconnected; engine request aborted")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        except (RequestError, pydantic.ValidationError, Exception) as exc:
+        except Exception as exc:  # a user's mistake or vLLM's refusal: never a bare 500
             return render_error(error_from_exception(exc))
         return self._to_response(result, render_error)
 
