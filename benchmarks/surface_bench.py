@@ -8,14 +8,17 @@ Starts `truss-llm serve` (the real truss server, the vLLM CPU engine, the tiny m
    64, alternating between the truss server's own route (`POST /v1/chat/completions`; the
    surface only passes it through) and the surface's forwarding path (`POST
    /environments/production/sync/v1/chat/completions`: body read under the 100 MB limit,
-   sync timeout, wake/idle accounting, in-process ASGI call). 6 rounds of max(8, 4 x
+   sync timeout, wake/idle accounting, in-process ASGI call). 6 rounds of max(16, 4 x
    concurrency) requests per route (--quick: 4 rounds of max(4, 2 x concurrency)), the
    order flipped every round (ABBA), so drift on a noisy
    machine hits both routes alike. Per round: output tokens/s (from usage), TTFT p50/p95,
-   request latency p50; per concurrency the median ratio surface/direct (goal >= 0.95) and
-   its spread across rounds. Also, in-process and noise-free: the microseconds the
-   forwarding path adds per request and per streamed chunk (a stub app, no HTTP, no engine),
-   and what that is as a share of one core at the measured throughput.
+   request latency p50, and CPU ms per 1k tokens of the runner, the engine and the client
+   plus the CPU used meanwhile by processes outside the benchmark and the hypervisor's steal
+   time (a shared machine's noise, made visible); per concurrency the median ratio
+   surface/direct (goal >= 0.95) and its spread across rounds. Also, in-process and
+   noise-free: the microseconds the forwarding path adds per request and per streamed chunk
+   (a stub app, no HTTP, no engine), and what that is as a share of one core at the
+   measured throughput.
 2. Async enqueue and drain, per worker count (4, then 8 on a second server): N short
    requests (max_tokens 8) enqueued by a few concurrent clients as fast as they go (the
    enqueue rate, HTTP round trip included), the drain rate from the first enqueue until the
@@ -232,6 +235,71 @@ def summarize_log(path: Path) -> dict[str, Any]:
                                     for m, c in notable.most_common(15)]}
 
 
+# -- CPU accounting ------------------------------------------------------------------------
+def _cpu_s(proc: psutil.Process | None) -> float:
+    try:
+        times = proc.cpu_times() if proc is not None else None
+    except psutil.Error:
+        return 0.0
+    return times.user + times.system if times else 0.0
+
+
+class CpuMeter:
+    """CPU seconds used by the runner, its engine process, this client, and every process
+    outside this benchmark (another test run or server on a shared machine), between
+    `start()` and `stop()`. CPU time per token is less sensitive to a noisy machine than
+    wall-clock throughput, so it shows whether the surface path costs the server more work;
+    not entirely, though: the runner also spends CPU per wall-second while it waits on the
+    engine, so a round slowed by something else shows a little more CPU per token too."""
+
+    def __init__(self, server: Server) -> None:
+        self.runner = psutil.Process(server.process.pid)
+        children = server.children or self.runner.children(recursive=True)
+        self.engine = next((c for c in children if "EngineCore" in _name(c)), None)
+        self.ours = {os.getpid(), server.process.pid, *(c.pid for c in children)}
+        self._start: dict[str, Any] = {}
+
+    def _foreign(self) -> dict[tuple[int, float], float]:
+        out = {}
+        for proc in psutil.process_iter(["pid", "create_time", "cpu_times"]):
+            if proc.pid in self.ours or proc.info["cpu_times"] is None:
+                continue
+            times = proc.info["cpu_times"]
+            out[(proc.pid, proc.info["create_time"])] = times.user + times.system
+        return out
+
+    def start(self) -> None:
+        self._start = {"runner": _cpu_s(self.runner), "engine": _cpu_s(self.engine),
+                       "client": time.process_time(), "foreign": self._foreign(),
+                       "steal": _steal_s()}
+
+    def stop(self) -> dict[str, float]:
+        foreign_then, foreign_now = self._start["foreign"], self._foreign()
+        foreign = sum(cpu - foreign_then.get(key, 0.0) for key, cpu in foreign_now.items())
+        return {"runner_cpu_s": _cpu_s(self.runner) - self._start["runner"],
+                "engine_cpu_s": _cpu_s(self.engine) - self._start["engine"],
+                "client_cpu_s": time.process_time() - self._start["client"],
+                "foreign_cpu_s": max(foreign, 0.0),
+                "steal_s": _steal_s() - self._start["steal"]}
+
+
+def _steal_s() -> float:
+    """CPU time the hypervisor gave to other guests (the `steal` column of /proc/stat)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _name(proc: psutil.Process) -> str:
+    try:
+        return proc.name() + " " + " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
 # -- part 1: surface overhead --------------------------------------------------------------
 def chat_body(i: int, max_tokens: int, stream: bool) -> dict[str, Any]:
     body: dict[str, Any] = {
@@ -323,6 +391,7 @@ async def surface_overhead(server: Server, levels: list[int], rounds: int,
     limits = httpx.Limits(max_connections=max(levels) + 8,
                           max_keepalive_connections=max(levels) + 8)
     started = now()
+    meter = CpuMeter(server)
     async with httpx.AsyncClient(base_url=server.base_url, timeout=httpx.Timeout(600),
                                  limits=limits) as client:
         seed = 0
@@ -349,13 +418,26 @@ async def surface_overhead(server: Server, levels: list[int], rounds: int,
                 order = ["direct", "surface"] if r % 2 == 0 else ["surface", "direct"]
                 entry: dict[str, Any] = {"round": r, "order": order}
                 for route in order:
-                    entry[route] = await stream_batch(client, ROUTES[route], level, n, seed)
+                    meter.start()
+                    batch = await stream_batch(client, ROUTES[route], level, n, seed)
+                    cpu = meter.stop()
+                    kilo_tokens = max(batch["output_tokens"], 1) / 1000
+                    for name in ("runner", "engine", "client"):
+                        batch[f"{name}_cpu_ms_per_1k_tokens"] = rnd(
+                            cpu[f"{name}_cpu_s"] * 1e3 / kilo_tokens, 1)
+                    batch["foreign_cpu_s"] = rnd(cpu["foreign_cpu_s"], 2)
+                    batch["steal_s"] = rnd(cpu["steal_s"], 2)
+                    entry[route] = batch
                     seed += n
                 d, s = entry["direct"]["tokens_per_s"], entry["surface"]["tokens_per_s"]
                 entry["ratio_tokens_per_s"] = rnd(s / d if d else None, 4)
                 per_round.append(entry)
                 print(f"  concurrency {level:>2} round {r}: direct {d:8.1f} tok/s, surface "
-                      f"{s:8.1f} tok/s, ratio {entry['ratio_tokens_per_s']}", flush=True)
+                      f"{s:8.1f} tok/s, ratio {entry['ratio_tokens_per_s']}; runner CPU "
+                      f"ms/1k tok {entry['direct']['runner_cpu_ms_per_1k_tokens']} / "
+                      f"{entry['surface']['runner_cpu_ms_per_1k_tokens']}; foreign CPU s "
+                      f"{entry['direct']['foreign_cpu_s']} / "
+                      f"{entry['surface']['foreign_cpu_s']}", flush=True)
             ratios = [e["ratio_tokens_per_s"] for e in per_round
                       if e["ratio_tokens_per_s"] is not None]
             summary: dict[str, Any] = {"requests_per_round_per_route": n, "rounds": per_round}
@@ -363,14 +445,19 @@ async def surface_overhead(server: Server, levels: list[int], rounds: int,
                 rows = [e[route] for e in per_round]
                 summary[route] = {
                     key: rnd(median([row[key] for row in rows]), 4)
-                    for key in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s", "latency_p50_s")}
+                    for key in ("tokens_per_s", "ttft_p50_s", "ttft_p95_s", "latency_p50_s",
+                                "runner_cpu_ms_per_1k_tokens", "engine_cpu_ms_per_1k_tokens",
+                                "client_cpu_ms_per_1k_tokens")}
                 summary[route]["errors"] = sum(row["errors"] for row in rows)
+                summary[route]["foreign_cpu_s_total"] = rnd(
+                    sum(row["foreign_cpu_s"] for row in rows), 1)
+                summary[route]["steal_s_total"] = rnd(sum(row["steal_s"] for row in rows), 2)
             summary["ratio_tokens_per_s"] = {
                 "median": rnd(median(ratios), 4), "min": rnd(min(ratios), 4),
                 "max": rnd(max(ratios), 4),
                 "ratio_of_medians": rnd(summary["surface"]["tokens_per_s"]
                                         / summary["direct"]["tokens_per_s"], 4)}
-            for key in ("ttft_p50_s", "latency_p50_s"):
+            for key in ("ttft_p50_s", "latency_p50_s", "runner_cpu_ms_per_1k_tokens"):
                 d, s = summary["direct"][key], summary["surface"][key]
                 summary[f"ratio_{key}"] = rnd(s / d if d and s else None, 4)
             summary["goal_met"] = bool(ratios) and median(ratios) >= GOAL_RATIO
@@ -669,6 +756,22 @@ def print_table(report: dict[str, Any]) -> None:
             f"{d['latency_p50_s']:.2f} / {u['latency_p50_s']:.2f}",
             f"{d['errors']} / {u['errors']}"))
     _print_rows(rows)
+    print("\nCPU per 1k output tokens (ms, medians over rounds); CPU used meanwhile by "
+          "processes outside this benchmark and stolen by the hypervisor (sums):")
+    rows = [("conc", "runner d/s", "runner ratio", "engine d/s", "client d/s",
+             "foreign CPU s d/s", "steal s d/s")]
+    for level, s in report["surface_overhead"]["levels"].items():
+        if "skipped" in s:
+            continue
+        d, u = s["direct"], s["surface"]
+        rows.append((level,
+                     f"{d['runner_cpu_ms_per_1k_tokens']} / {u['runner_cpu_ms_per_1k_tokens']}",
+                     fmt(s["ratio_runner_cpu_ms_per_1k_tokens"], ".3f"),
+                     f"{d['engine_cpu_ms_per_1k_tokens']} / {u['engine_cpu_ms_per_1k_tokens']}",
+                     f"{d['client_cpu_ms_per_1k_tokens']} / {u['client_cpu_ms_per_1k_tokens']}",
+                     f"{d['foreign_cpu_s_total']} / {u['foreign_cpu_s_total']}",
+                     f"{d['steal_s_total']} / {u['steal_s_total']}"))
+    _print_rows(rows)
     cost = report["surface_overhead"].get("in_process_cost")
     if cost:
         shares = {level: f"{s['forwarding_cpu_share_of_one_core'] * 100:.3f}%"
@@ -718,8 +821,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    (ratio_ax, tps_ax), (ttft_ax, async_ax) = axes
+    fig, axes = plt.subplots(2, 3, figsize=(19, 9.5))
+    (ratio_ax, tps_ax, cpu_ax), (ttft_ax, async_ax, drain_ax) = axes
     levels = {int(k): v for k, v in report["surface_overhead"]["levels"].items()
               if "skipped" not in v}
     xs = list(range(len(levels)))
@@ -798,6 +901,29 @@ def plot(report: dict[str, Any], path: Path) -> None:
                  f"{big['state_dir_bytes']['total'] / MiB:.0f} MiB on disk"
     async_ax.set_title(title, fontsize=10)
     async_ax.legend(fontsize=8, loc="upper right")
+
+    for offset, route, color in ((-width / 2, "direct", "#4c72b0"),
+                                 (width / 2, "surface", "#55a868")):
+        values = [s[route]["runner_cpu_ms_per_1k_tokens"] for s in levels.values()]
+        bars = cpu_ax.bar([x + offset for x in xs], values, width, color=color, label=route)
+        cpu_ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8)
+    cpu_ax.set_ylim(top=cpu_ax.get_ylim()[1] * 1.2)
+    cpu_ax.set_xticks(xs, labels)
+    cpu_ax.set_xlabel("concurrent streams")
+    cpu_ax.set_ylabel("runner process CPU ms per 1k output tokens")
+    cpu_ax.set_title("Runner process CPU per token, medians over rounds")
+    cpu_ax.legend(fontsize=8, loc="upper right")
+
+    for a in runs:
+        timeline = a["queue_timeline"]
+        drain_ax.plot([t for t, _, _ in timeline], [q + p for _, q, p in timeline],
+                      marker=".", label=f"{a['workers']} workers: queued + in progress")
+    drain_ax.set_xlabel("seconds since the first enqueue")
+    drain_ax.set_ylabel("requests not finished (queue status)")
+    drain_ax.set_title("Async drain (polled after the last enqueue)")
+    drain_ax.set_ylim(bottom=0)
+    if runs:
+        drain_ax.legend(fontsize=8)
 
     env = report["environment"]
     fig.suptitle(f"Baseten surface vs direct truss route, tiny-chat on vLLM CPU, "
@@ -901,7 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
                     print("part 1: surface overhead", flush=True)
                     report["surface_overhead"] = asyncio.run(
                         surface_overhead(server, levels, rounds, 2 if quick else 4,
-                                         4 if quick else 8, budget))
+                                         4 if quick else 16, budget))
                     report["surface_overhead"]["in_process_cost"] = cost
                     for summary in report["surface_overhead"]["levels"].values():
                         if "direct" in summary:

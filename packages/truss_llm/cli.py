@@ -120,6 +120,8 @@ def serve(args: argparse.Namespace) -> int:
                            settings.api_key, stop)).start()
     try:
         server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        return 130
     finally:
         stop.set()
     return 0

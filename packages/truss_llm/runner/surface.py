@@ -245,7 +245,7 @@ class BasetenSurface:
         except ValueError as exc:  # NaN or infinity in model_input
             return baseten_error(400, f"model_input is not valid JSON: {exc}")
         self.worker.notify()
-        logger.info("async request %s queued (priority %d)", request_id, request.priority)
+        logger.debug("async request %s queued (priority %d)", request_id, request.priority)
         return JSONResponse({"request_id": request_id}, status_code=201)
 
     async def _async_request(self, request_id: str, method: str) -> Response:

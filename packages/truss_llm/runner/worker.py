@@ -93,7 +93,7 @@ class AsyncWorker:
             await self._run(job)
 
     async def _run(self, job: Job) -> None:
-        logger.info("async request %s: attempt %d of %d", job.request_id, job.attempts,
+        logger.debug("async request %s: attempt %d of %d", job.request_id, job.attempts,
                     job.max_attempts)
         try:
             async with asyncio.timeout(self._settings.async_run_timeout_s):
