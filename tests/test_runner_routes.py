@@ -35,6 +35,19 @@ def test_openai_sdk_on_the_sync_v1_base_path(server: Server, target: str) -> Non
     assert completion.object == "text_completion"
 
 
+def test_openai_models_retrieve(server: Server) -> None:
+    client = OpenAI(base_url=f"{server.base_url}/environments/production/sync/v1",
+                    api_key="local", max_retries=0)
+    assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+    with pytest.raises(Exception) as missing:
+        client.models.retrieve("gpt-9")
+    assert getattr(missing.value, "status_code", None) == 404
+    root = OpenAI(base_url=f"{server.base_url}/v1", api_key="local", max_retries=0)
+    assert root.models.retrieve(MODEL_NAME).owned_by == "vllm"
+    # The readiness probe keeps its own answer.
+    assert httpx.get(f"{server.base_url}/v1/models/model").json() == {}
+
+
 def test_models_route_lists_the_served_model(http: httpx.Client) -> None:
     body = http.get("/v1/models").json()
     assert body["object"] == "list"

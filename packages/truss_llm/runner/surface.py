@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 TRUSS_PREDICT = "/v1/models/model:predict"
 ASYNC_REQUEST_PREFIX = "/async_request/"
+MODELS_PREFIX = "/v1/models/"
 
 REQUESTS = Counter("baseten_surface_requests_total", "Requests by route and status code.",
                    ["route", "code"])
@@ -85,6 +87,13 @@ class BasetenSurface:
         if path == "/v1/models" and method == "GET":
             await self._respond(await self._models(), scope, receive, send, "models")
             return
+        if path.startswith(MODELS_PREFIX) and method == "GET" and self.lifecycle.loaded:
+            # `/v1/models/{id}` is also truss's readiness route (probes ask for "model", and
+            # must never wait for a load): answer OpenAI's retrieve only for a served name.
+            model = await self._model_card(path[len(MODELS_PREFIX):])
+            if model is not None:
+                await self._respond(model, scope, receive, send, "models")
+                return
         if path.startswith(ASYNC_REQUEST_PREFIX):
             request_id = path[len(ASYNC_REQUEST_PREFIX):]
             await self._respond(await self._async_request(request_id, method), scope, receive,
@@ -111,6 +120,11 @@ class BasetenSurface:
             openai_path = action[len(routes.SYNC_PREFIX):]
             if openai_path == "/v1/models" and method == "GET":
                 await self._respond(await self._models(), scope, receive, send, "models")
+            elif openai_path.startswith(MODELS_PREFIX) and method == "GET":
+                name = openai_path[len(MODELS_PREFIX):]
+                card = await self._model_card(name)
+                await self._respond(card or openai_error(
+                    404, f"The model `{name}` does not exist."), scope, receive, send, "models")
             else:
                 await self._forward(scope, receive, send, openai_path, "openai", openai_error)
             return
@@ -276,6 +290,16 @@ class BasetenSurface:
         except WakeTimeout as exc:
             return openai_error(503, str(exc))
         return JSONResponse(await self.lifecycle.model.models())
+
+    async def _model_card(self, name: str) -> Response | None:
+        """OpenAI's `GET /v1/models/{id}` for a served model, None for any other name."""
+        response = await self._models()
+        if response.status_code != 200:
+            return response
+        for card in json.loads(response.body)["data"]:
+            if card["id"] == name:
+                return JSONResponse(card)
+        return None
 
     def _authorized(self, scope: dict) -> bool:
         """Every route, truss's own included; `Bearer` is what the OpenAI SDK sends."""
