@@ -69,8 +69,10 @@ class Model:
         return await self._surface.completions(request)
 
     async def models(self) -> dict[str, Any]:
-        """`/v1/models` as `vllm serve` answers it (served by the local runner)."""
-        return await self._surface.models()
+        """`/v1/models` as `vllm serve` answers it (served by the local runner); empty while
+        the model is scaled to zero."""
+        surface = self._surface
+        return await surface.models() if surface else {"object": "list", "data": []}
 
 
 def _unloaded() -> Response:

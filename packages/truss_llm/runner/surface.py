@@ -90,7 +90,7 @@ class BasetenSurface:
         if path.startswith(MODELS_PREFIX) and method == "GET" and self.lifecycle.loaded:
             # `/v1/models/{id}` is also truss's readiness route (probes ask for "model", and
             # must never wait for a load): answer OpenAI's retrieve only for a served name.
-            model = await self._model_card(path[len(MODELS_PREFIX):])
+            model = await self._model_card(path[len(MODELS_PREFIX):], wake=False)
             if model is not None:
                 await self._respond(model, scope, receive, send, "models")
                 return
@@ -291,12 +291,20 @@ class BasetenSurface:
             return openai_error(503, str(exc))
         return JSONResponse(await self.lifecycle.model.models())
 
-    async def _model_card(self, name: str) -> Response | None:
-        """OpenAI's `GET /v1/models/{id}` for a served model, None for any other name."""
-        response = await self._models()
-        if response.status_code != 200:
-            return response
-        for card in json.loads(response.body)["data"]:
+    async def _model_card(self, name: str, wake: bool = True) -> Response | None:
+        """OpenAI's `GET /v1/models/{id}` for a served model, None for any other name.
+
+        `wake=False` for the route truss's readiness probe shares: a probe must neither
+        wait for the model nor count as activity that keeps it from scaling to zero.
+        """
+        if wake:
+            response = await self._models()
+            if response.status_code != 200:
+                return response
+            listing = json.loads(response.body)
+        else:
+            listing = await self.lifecycle.model.models()
+        for card in listing["data"]:
             if card["id"] == name:
                 return JSONResponse(card)
         return None
