@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +102,24 @@ def rnd(value: float | None, digits: int = 3) -> float | None:
 def median(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
+
+
+async def run_pool(n: int, concurrency: int, job: Callable[[int], Awaitable[None]],
+                   deadline: float | None = None) -> float:
+    """Run job(0) .. job(n-1) with `concurrency` at a time (stopping at `deadline`); the wall
+    time it took."""
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < n and (deadline is None or now() < deadline):
+            i = next_index
+            next_index += 1
+            await job(i)
+
+    started = now()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return now() - started
 
 
 # -- the server ----------------------------------------------------------------------------
@@ -353,18 +371,11 @@ async def stream_batch(client: httpx.AsyncClient, path: str, concurrency: int, n
     payloads = [json.dumps(chat_body(seed + i, STREAM_MAX_TOKENS, True)).encode()
                 for i in range(n)]
     results: list[StreamResult] = []
-    next_index = 0
 
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < n:
-            i = next_index
-            next_index += 1
-            results.append(await stream_chat(client, path, payloads[i]))
+    async def one(i: int) -> None:
+        results.append(await stream_chat(client, path, payloads[i]))
 
-    started = now()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = now() - started
+    wall = await run_pool(n, concurrency, one)
     good = [r for r in results if r.ok]
     tokens = sum(r.tokens for r in good)
     ttfts = [r.ttft for r in good if r.ttft is not None]
@@ -479,7 +490,7 @@ def forwarding_cost(repeats: int = 7) -> dict[str, Any]:
     path (.../sync/v1/chat/completions), alternately, median of `repeats` runs. A noise-free
     bound for what the HTTP rounds above try to resolve on a noisy machine."""
     from truss_llm.runner.settings import RunnerSettings
-    from truss_llm.runner.surface import BasetenSurface
+    from truss_llm.runner.surface import BasetenSurface, json_post_scope
 
     payload = json.dumps(chat_body(0, STREAM_MAX_TOKENS, True)).encode()
 
@@ -502,12 +513,7 @@ def forwarding_cost(repeats: int = 7) -> dict[str, Any]:
             loaded = True
 
     def scope(path: str) -> dict:
-        return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
-                "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
-                "server": ("127.0.0.1", 8080),
-                "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
-                            (b"content-length", str(len(payload)).encode())]}
+        return json_post_scope(path, payload, 8080)
 
     async def call(surface: Any, path: str) -> None:
         delivered = False
@@ -576,25 +582,18 @@ async def enqueue_all(client: httpx.AsyncClient, payloads: list[bytes], clients:
     ids: list[str] = []
     latencies: list[float] = []
     codes: Counter[int] = Counter()
-    next_index = 0
-    n = len(payloads)
 
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < n and (deadline is None or now() < deadline):
-            i = next_index
-            next_index += 1
-            sent = now()
-            response = await client.post("/production/async_predict", content=payloads[i],
-                                         headers={"content-type": "application/json"})
-            latencies.append(now() - sent)
-            codes[response.status_code] += 1
-            if response.status_code == 201:
-                ids.append(response.json()["request_id"])
+    async def one(i: int) -> None:
+        sent = now()
+        response = await client.post("/production/async_predict", content=payloads[i],
+                                     headers={"content-type": "application/json"})
+        latencies.append(now() - sent)
+        codes[response.status_code] += 1
+        if response.status_code == 201:
+            ids.append(response.json()["request_id"])
 
     started = now()
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    wall = now() - started
+    wall = await run_pool(len(payloads), clients, one, deadline)
     return {"ids": ids, "started": started, "wall_s": wall, "codes": dict(codes),
             "latency_p50_ms": rnd(pct(latencies, 50) * 1e3, 2) if latencies else None,
             "latency_p99_ms": rnd(pct(latencies, 99) * 1e3, 2) if latencies else None}
@@ -610,20 +609,13 @@ async def sync_predict(client: httpx.AsyncClient, n: int, concurrency: int, seed
     payloads = [json.dumps(chat_body(seed + i, ASYNC_MAX_TOKENS, False)).encode()
                 for i in range(n)]
     codes: Counter[int] = Counter()
-    next_index = 0
 
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < n:
-            i = next_index
-            next_index += 1
-            response = await client.post("/production/predict", content=payloads[i],
-                                         headers={"content-type": "application/json"})
-            codes[response.status_code] += 1
+    async def one(i: int) -> None:
+        response = await client.post("/production/predict", content=payloads[i],
+                                     headers={"content-type": "application/json"})
+        codes[response.status_code] += 1
 
-    started = now()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = now() - started
+    wall = await run_pool(n, concurrency, one)
     return {"requests": n, "concurrency": concurrency, "codes": dict(codes),
             "wall_s": rnd(wall), "requests_per_s": rnd(codes.get(200, 0) / wall, 2)}
 

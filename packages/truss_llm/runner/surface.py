@@ -45,6 +45,16 @@ SYNC_LATENCY = Histogram("baseten_surface_sync_seconds", "Sync predict and OpenA
                          "to the first response byte.", ["route"])
 
 
+def json_post_scope(path: str, body: bytes, port: int) -> dict:
+    """The ASGI scope of a local `POST path` with a JSON body, for in-process calls."""
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+            "query_string": b"", "root_path": "",
+            "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 0), "server": ("127.0.0.1", port)}
+
+
 def baseten_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -193,12 +203,7 @@ class BasetenSurface:
 
     async def _call_model(self, model_input: bytes) -> tuple[int, bytes]:
         """Run one async job through the truss predict route, in-process."""
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                 "method": "POST", "scheme": "http", "path": TRUSS_PREDICT,
-                 "raw_path": TRUSS_PREDICT.encode(), "query_string": b"", "root_path": "",
-                 "headers": [(b"content-type", b"application/json"),
-                             (b"content-length", str(len(model_input)).encode())],
-                 "client": ("127.0.0.1", 0), "server": ("127.0.0.1", self.settings.port)}
+        scope = json_post_scope(TRUSS_PREDICT, model_input, self.settings.port)
         done = asyncio.Event()
         status = 0
         chunks: list[bytes] = []
