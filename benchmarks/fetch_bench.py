@@ -2,23 +2,29 @@
 
 A 1 GiB file of random bytes is served over loopback by a small sendfile-based HTTP server
 in its own process (so it does not share the fetcher's event loop or GIL). After one untimed
-warm-up download, each repetition downloads it once with `curl -s -o <file>` and once with
-`fetch_to_file` (policy allowing 127.0.0.1 only), in rotating order, each into a file that
-is then deleted. Our fetch runs in a child process doing nothing else, which reports its
-own timing, the sha256 it computed and the growth of its peak RSS (getrusage ru_maxrss,
-cross-checked by sampling /proc/self/statm every few milliseconds) over its RSS just
-before the fetch.
+warm-up download, each repetition runs four downloads in rotating order, each into a file
+that is then deleted:
+
+* `curl`: `curl -s -o <file>`, the peer;
+* `fetch_to_file`: our fetcher with its default policy (no digest: the same work as curl,
+  and how the model side fetches), policy allowing 127.0.0.1 only. The goal is on this one:
+  fetch_to_file / curl >= 0.9;
+* `curl_then_sha256`: curl, then `openssl dgst -sha256` on the file (the same OpenSSL
+  sha256 that Python's hashlib uses; coreutils' sha256sum is 6x slower here, a strawman);
+* `fetch_to_file_sha256`: our fetcher with `hash_body=True`, hashing while it downloads.
+
+Our fetches run in a child process doing nothing else, which reports its own timing, the
+growth of its peak RSS (getrusage ru_maxrss, cross-checked by sampling /proc/self/statm
+every few milliseconds) over its RSS just before the fetch, and, after the timed part, the
+sha256 of the file it wrote, which must match the source.
 
 Throughput is bytes / transfer time in MB/s (10^6 bytes per second): curl's own
-`time_total`, and the time around `fetch_to_file` in the child; neither counts process
-start-up. CPU seconds per GiB (user + system, worker threads included) show where the time
-goes. The goals: ours/curl >= 0.9, RSS growth < 64 MiB.
+`time_total` (plus openssl's wall time for the digest variant), and the time around
+`fetch_to_file` in the child; neither counts process start-up. CPU seconds per GiB
+(user + system, worker threads included) show where the time goes. Goals: fetch_to_file /
+curl >= 0.9 (median over repetitions), RSS growth < 64 MiB.
 
-A third variant runs `fetch_to_file` with `hash_body=False`, as the model side does (curl
-computes no digest either): the gap between the two is the price of the digest on this
-machine, the gap to curl what is left of httpx/httpcore's receive path.
-
-    .venv/bin/python benchmarks/fetch_bench.py     # about 20 s on 2 cores
+    .venv/bin/python benchmarks/fetch_bench.py     # about a minute on 2 cores
 
 Writes benchmarks/results/fetch_bench.json and fetch_bench.png, prints a table, and deletes
 the 1 GiB file and every download.
@@ -46,20 +52,21 @@ from typing import Any
 
 import httpcore
 import httpx
-from truss_llm.media import fetch
+from truss_llm.media import socket_backend
 from truss_llm.media.fetch import FetchPolicy, fetch_to_file
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MiB = 1024 * 1024
 DEFAULT_SIZE_MIB = 1024
-DEFAULT_REPETITIONS = 3
+DEFAULT_REPETITIONS = 7
 GENERATE_BLOCK = 4 * MiB  # random block written repeatedly, with a counter to vary it
 SENDFILE_BLOCK = 8 * MiB
 RSS_SAMPLE_INTERVAL_S = 0.005
 SERVER_START_TIMEOUT_S = 10
 FETCH_TIMEOUT_S = 120
 SHA256_PROBE_BLOCKS = 64
-TOOLS = ("curl", "fetch_to_file", "fetch_to_file_no_sha256")
+TOOLS = ("curl", "fetch_to_file", "curl_then_sha256", "fetch_to_file_sha256")
+OURS = ("fetch_to_file", "fetch_to_file_sha256")
 GOAL_RATIO = 0.9
 GOAL_RSS_GROWTH_MIB = 64
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -115,8 +122,8 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def fetch_once(url: str, directory: Path, sha256: bool = True) -> dict[str, Any]:
-    """Fetch `url` once in this process; report time, digest and RSS growth as JSON."""
+def fetch_once(url: str, directory: Path, sha256: bool) -> dict[str, Any]:
+    """Fetch `url` once in this process; report time, RSS growth and the file's sha256."""
     policy = FetchPolicy(allow_http=True, extra_allowed_hosts=("127.0.0.1",),
                          allowed_networks=("127.0.0.1/32",), max_bytes=4 * 1024 * MiB,
                          total_timeout_s=FETCH_TIMEOUT_S, hash_body=sha256)
@@ -146,14 +153,20 @@ def fetch_once(url: str, directory: Path, sha256: bool = True) -> dict[str, Any]
     stop.set()
     sampler.join()
     maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    on_disk = _file_sha256(result.path)  # after the timed part: the bytes really written
     result.path.unlink()
     return {
         "seconds": seconds, "cpu_s": cpu_s, "size": result.size,
-        "sha256": result.sha256 if sha256 else None,
+        "sha256_computed": result.sha256, "sha256_on_disk": on_disk,
         "rss_before": rss_before, "rss_peak_sampled": peak_sampled,
         "rss_growth": max(maxrss_after - max(maxrss_before, rss_before),
                           peak_sampled - rss_before, 0),
     }
+
+
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as source:
+        return hashlib.file_digest(source, "sha256").hexdigest()
 
 
 # --- the driver ---------------------------------------------------------------------------------
@@ -171,30 +184,42 @@ def generate(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
-def run_curl(url: str, directory: Path) -> dict[str, Any]:
+def run_curl(url: str, directory: Path, then_sha256: bool = False) -> dict[str, Any]:
     target = directory / "curl.out"
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     completed = subprocess.run(
         ["curl", "-s", "-S", "-f", "-o", str(target), "-w", "%{time_total} %{size_download}",
          url], check=True, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S)
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     seconds, size = completed.stdout.split()
+    run: dict[str, Any] = {"seconds": float(seconds), "size": int(size)}
+    if then_sha256:
+        started = time.perf_counter()
+        digest = subprocess.run(["openssl", "dgst", "-sha256", "-r", str(target)], check=True,
+                                capture_output=True, text=True, timeout=FETCH_TIMEOUT_S)
+        run["seconds"] += time.perf_counter() - started
+        run["sha256_computed"] = digest.stdout.split()[0]
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     target.unlink()
-    cpu_s = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
-    return {"seconds": float(seconds), "size": int(size), "cpu_s": cpu_s}
+    run["cpu_s"] = ((usage.ru_utime - usage_before.ru_utime)
+                    + (usage.ru_stime - usage_before.ru_stime))
+    return run
 
 
-def run_ours(url: str, directory: Path, sha256: bool = True) -> dict[str, Any]:
+def run_curl_then_sha256(url: str, directory: Path) -> dict[str, Any]:
+    return run_curl(url, directory, then_sha256=True)
+
+
+def run_ours(url: str, directory: Path, sha256: bool = False) -> dict[str, Any]:
     command = [sys.executable, __file__, "--fetch", url, "--directory", str(directory)]
-    if not sha256:
-        command.append("--no-sha256")
+    if sha256:
+        command.append("--sha256")
     completed = subprocess.run(command, check=True, capture_output=True, text=True,
                                timeout=FETCH_TIMEOUT_S)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def run_ours_without_sha256(url: str, directory: Path) -> dict[str, Any]:
-    return run_ours(url, directory, sha256=False)
+def run_ours_with_sha256(url: str, directory: Path) -> dict[str, Any]:
+    return run_ours(url, directory, sha256=True)
 
 
 def hashlib_sha256_mb_per_s() -> float:
@@ -211,6 +236,16 @@ def mb_per_s(run: dict[str, Any]) -> float:
     return run["size"] / run["seconds"] / 1e6
 
 
+LABELS = {
+    "curl": "curl -o",
+    "fetch_to_file": "fetch_to_file (default: no digest, as the model fetches)",
+    "curl_then_sha256": "curl -o, then openssl dgst -sha256",
+    "fetch_to_file_sha256": "fetch_to_file, hash_body=True",
+}
+COLORS = {"curl": "#888888", "fetch_to_file": "#1f77b4", "curl_then_sha256": "#c7c7c7",
+          "fetch_to_file_sha256": "#aec7e8"}
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -219,35 +254,35 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     runs = results["runs"]
     reps = sorted({r["repetition"] for r in runs})
-    colors = {"curl": "#888888", "fetch_to_file": "#1f77b4",
-              "fetch_to_file_no_sha256": "#aec7e8"}
-    fig, (speed, cpu, memory) = plt.subplots(1, 3, figsize=(15, 4.8))
-    width = 0.27
+    fig, (speed, cpu, memory) = plt.subplots(1, 3, figsize=(16, 5.2))
+    width = 0.2
     for index, tool in enumerate(TOOLS):
-        offset = (index - 1) * width
+        offset = (index - 1.5) * width
         mine = {r["repetition"]: r for r in runs if r["tool"] == tool}
-        label = tool.replace("_no_sha256", " (hash_body=False, as the model uses it)")
         speed.bar([n + offset for n in reps], [mine[n]["mb_per_s"] for n in reps], width,
-                  label=label, color=colors[tool])
+                  label=LABELS[tool], color=COLORS[tool])
         cpu.bar([n + offset for n in reps], [mine[n]["cpu_s_per_gib"] for n in reps], width,
-                label=label, color=colors[tool])
+                label=LABELS[tool], color=COLORS[tool])
     summary = results["summary"]
     for axis, unit in ((speed, "MB/s (10^6 B/s)"), (cpu, "CPU s per GiB (user + sys)")):
         axis.set_xticks(reps, [f"rep {n}" for n in reps])
         axis.set_ylabel(unit)
     speed.set_title(f"{results['config']['size_mib']} MiB over loopback, "
-                    f"{results['config']['cpus']} cores: ours/curl = "
-                    f"{summary['ratio_median']:.2f}", fontsize=10)
-    speed.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, fontsize=8)
+                    f"{results['config']['cpus']} cores: fetch_to_file / curl = "
+                    f"{summary['ratio_median']:.2f}\n(with sha256: "
+                    f"{summary['ratio_sha256_median']:.2f} of curl + openssl)", fontsize=10)
+    speed.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, fontsize=8)
     cpu.set_title(f"CPU per GiB (hashlib sha256 alone: "
                   f"{results['config']['sha256_cpu_s_per_gib']:.2f} s/GiB)", fontsize=10)
-    growth = [r["rss_growth"] / MiB for r in runs if r["tool"] == "fetch_to_file"]
-    memory.bar(reps, growth, 0.5, color=colors["fetch_to_file"])
+    for index, tool in enumerate(OURS):
+        growth = [r["rss_growth"] / MiB for r in runs if r["tool"] == tool]
+        memory.bar([n + (index - 0.5) * 0.35 for n in reps], growth, 0.35, label=LABELS[tool],
+                   color=COLORS[tool])
     memory.axhline(GOAL_RSS_GROWTH_MIB, color="red", linestyle="--", label="goal")
     memory.set_xticks(reps, [f"rep {n}" for n in reps])
     memory.set_ylabel("MiB")
     memory.set_title("fetch_to_file: peak RSS growth during the fetch", fontsize=10)
-    memory.legend()
+    memory.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -260,19 +295,19 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"{run['repetition']:>3}  {run['tool']:<24} {run['seconds']:8.2f} "
               f"{run['mb_per_s']:7.0f} {run['cpu_s_per_gib']:10.2f} {growth:>11}")
     s = results["summary"]
-    print(f"\nmedian MB/s: curl {s['mb_per_s_median']['curl']:.0f}, fetch_to_file "
-          f"{s['mb_per_s_median']['fetch_to_file']:.0f}, without sha256 (diagnostic) "
-          f"{s['mb_per_s_median']['fetch_to_file_no_sha256']:.0f}")
-    print(f"ours/curl {s['ratio_median']:.2f} (goal >= {GOAL_RATIO}; without sha256 "
-          f"{s['ratio_no_sha256_median']:.2f}); max RSS growth {s['max_rss_growth_mib']:.1f} "
-          f"MiB (goal < {GOAL_RSS_GROWTH_MIB})")
+    medians = ", ".join(f"{tool} {s['mb_per_s_median'][tool]:.0f}" for tool in TOOLS)
+    print(f"\nmedian MB/s: {medians}")
+    print(f"fetch_to_file / curl {s['ratio_median']:.2f} (goal >= {GOAL_RATIO}); with sha256 "
+          f"{s['ratio_sha256_median']:.2f} of curl + openssl; max RSS growth "
+          f"{s['max_rss_growth_mib']:.1f} MiB (goal < {GOAL_RSS_GROWTH_MIB})")
 
 
 def benchmark(size_mib: int, repetitions: int, workdir: Path | None) -> dict[str, Any]:
     directory = Path(tempfile.mkdtemp(prefix="fetch-bench-", dir=workdir))
     server: subprocess.Popen[str] | None = None
     runners = {"curl": run_curl, "fetch_to_file": run_ours,
-               "fetch_to_file_no_sha256": run_ours_without_sha256}
+               "curl_then_sha256": run_curl_then_sha256,
+               "fetch_to_file_sha256": run_ours_with_sha256}
     runs = []
     try:
         source = directory / "object.bin"
@@ -291,10 +326,7 @@ def benchmark(size_mib: int, repetitions: int, workdir: Path | None) -> dict[str
             shift = (repetition - 1) % len(TOOLS)  # rotate who goes first
             for tool in TOOLS[shift:] + TOOLS[:shift]:
                 run = runners[tool](url, downloads)
-                if run["size"] != size_mib * MiB:
-                    raise RuntimeError(f"{tool} downloaded {run['size']} bytes")
-                if tool == "fetch_to_file" and run["sha256"] != expected:
-                    raise RuntimeError("fetch_to_file's sha256 does not match the source")
+                check(tool, run, size_mib * MiB, expected)
                 run.update(tool=tool, repetition=repetition, mb_per_s=mb_per_s(run),
                            cpu_s_per_gib=run["cpu_s"] / (run["size"] / (1024 * MiB)))
                 runs.append(run)
@@ -312,10 +344,12 @@ def benchmark(size_mib: int, repetitions: int, workdir: Path | None) -> dict[str
         "config": {
             "size_mib": size_mib, "repetitions": repetitions, "cpus": os.cpu_count(),
             "python": platform.python_version(), "httpx": httpx.__version__,
-            "httpcore": httpcore.__version__, "socket_read_bytes": fetch.SOCKET_READ_BYTES,
-            "write_batch_bytes": fetch.WRITE_BATCH_BYTES,
+            "httpcore": httpcore.__version__,
+            "body_buffer_bytes": socket_backend.BODY_BUFFER_BYTES,
             "curl": subprocess.run(["curl", "--version"], capture_output=True,
                                    text=True).stdout.splitlines()[0],
+            "openssl": subprocess.run(["openssl", "version"], capture_output=True,
+                                      text=True).stdout.strip(),
             "sha256_mb_per_s_one_core": sha256_speed,
             "sha256_cpu_s_per_gib": 1024 * MiB / 1e6 / sha256_speed,
             "load_average_at_end": os.getloadavg(),
@@ -324,17 +358,29 @@ def benchmark(size_mib: int, repetitions: int, workdir: Path | None) -> dict[str
         "summary": {
             "mb_per_s_median": medians,
             "ratio_median": medians["fetch_to_file"] / medians["curl"],
-            "ratio_no_sha256_median": medians["fetch_to_file_no_sha256"] / medians["curl"],
             "ratio_per_repetition": [by_rep["fetch_to_file", n] / by_rep["curl", n]
                                      for n in range(1, repetitions + 1)],
+            "ratio_sha256_median": (medians["fetch_to_file_sha256"]
+                                    / medians["curl_then_sha256"]),
             "cpu_s_per_gib_median": {
                 tool: statistics.median(r["cpu_s_per_gib"] for r in runs if r["tool"] == tool)
                 for tool in TOOLS},
             "max_rss_growth_mib": max(r["rss_growth"] for r in runs
-                                      if r["tool"] == "fetch_to_file") / MiB,
+                                      if r["tool"] in OURS) / MiB,
             "goal_ratio": GOAL_RATIO, "goal_rss_growth_mib": GOAL_RSS_GROWTH_MIB,
         },
     }
+
+
+def check(tool: str, run: dict[str, Any], size: int, expected: str) -> None:
+    """Every download is the whole file; every digest reported or re-read is the source's."""
+    if run["size"] != size:
+        raise RuntimeError(f"{tool} downloaded {run['size']} bytes")
+    for key in ("sha256_computed", "sha256_on_disk"):
+        if run.get(key) is not None and run[key] != expected:
+            raise RuntimeError(f"{tool}: {key} does not match the source")
+    if tool in OURS and run["sha256_on_disk"] is None:
+        raise RuntimeError(f"{tool}: the written file was not checked")
 
 
 def main() -> None:
@@ -346,13 +392,13 @@ def main() -> None:
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--fetch", help=argparse.SUPPRESS)
     parser.add_argument("--directory", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--no-sha256", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sha256", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve)
         return
     if args.fetch:
-        print(json.dumps(fetch_once(args.fetch, args.directory, sha256=not args.no_sha256)))
+        print(json.dumps(fetch_once(args.fetch, args.directory, sha256=args.sha256)))
         return
     results = benchmark(args.size_mib, args.repetitions, args.workdir)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

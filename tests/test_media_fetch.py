@@ -43,6 +43,7 @@ from truss_llm.media.fetch import (
     redact_url,
 )
 from truss_llm.media.policy import check_url, embedded_ipv4, parse_ip_literal
+from truss_llm.media.socket_backend import SocketBackend, SocketStream
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -148,7 +149,23 @@ class Handler(BaseHTTPRequestHandler):
         for offset in range(0, size, len(chunk)):
             self.wfile.write(chunk[: size - offset])
 
+    def route_chunked_file(self) -> None:  # BODY in chunked framing, in uneven chunks
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for start in range(0, len(BODY), 3000):
+            piece = BODY[start:start + 3000]
+            self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+        self.wfile.write(b"0\r\n\r\n")
+
     # bodies that lie or never end
+    def route_short(self) -> None:  # says twice the bytes it sends, then hangs up
+        self.send_response(200)
+        self.send_header("Content-Length", str(2 * len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+        self.close_connection = True
+
     def route_lying(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", "100")
@@ -317,7 +334,7 @@ def token() -> str:
 LOCAL = FetchPolicy(
     allow_http=True, extra_allowed_hosts=("127.0.0.1",), allowed_networks=("127.0.0.1/32",),
     max_bytes=MAX_BYTES, connect_timeout_s=2, read_timeout_s=2, total_timeout_s=10,
-    max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.05)
+    max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.05, hash_body=True)
 
 
 def local(**changes: object) -> FetchPolicy:
@@ -376,6 +393,60 @@ def test_fetches_a_file(server: AdversarialServer, tmp_path: Path) -> None:
     assert (result.size, result.sha256) == (len(BODY), BODY_SHA256)
     assert result.content_type == "application/octet-stream"
     assert server.hits[path] == 1
+
+
+def test_default_policy_skips_the_digest_but_still_verifies_store_checksums(
+        server: AdversarialServer, tmp_path: Path) -> None:
+    default = local(hash_body=False)
+    assert FetchPolicy().hash_body is False
+    plain = fetch(server.url(f"/file/{token()}"), default)
+    assert (plain.sha256, plain.path.read_bytes()) == (None, BODY)
+    assert fetch(server.url(f"/amz-good/{token()}"), default).sha256 == BODY_SHA256
+    assert fetch(server.url(f"/file/{token()}"), default,
+                 expected_sha256=BODY_SHA256).sha256 == BODY_SHA256
+    error = fetch_error(server.url(f"/amz-bad/{token()}"), default, directory=tmp_path)
+    assert (error.status, error.reason) == (422, "integrity")
+
+
+@pytest.fixture
+def straight_from_socket(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the length of every body received by SocketStream.receive_body."""
+    lengths: list[int] = []
+    original = SocketStream.receive_body
+
+    async def spy(self: SocketStream, length: int, *args: object, **kwargs: object) -> None:
+        lengths.append(length)
+        await original(self, length, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SocketStream, "receive_body", spy)
+    return lengths
+
+
+@pytest.mark.timeout(60)
+def test_bodies_with_a_length_stream_straight_from_the_socket(
+        server: AdversarialServer, tmp_path: Path, straight_from_socket: list[int]) -> None:
+    size = 9 * MiB + 123  # more than two of the receive buffers, and not a multiple
+    result = fetch(server.url(f"/big/{size}/{token()}"), local(max_bytes=16 * MiB),
+                   directory=tmp_path)
+    assert result.sha256 == hashlib.sha256(bytes(size)).hexdigest()
+    assert result.path.stat().st_size == size
+    assert straight_from_socket == [size]
+
+
+def test_chunked_bodies_go_through_httpcore(server: AdversarialServer,
+                                            straight_from_socket: list[int]) -> None:
+    result = fetch(server.url(f"/chunked-file/{token()}"))
+    assert (result.path.read_bytes(), result.sha256) == (BODY, BODY_SHA256)
+    assert straight_from_socket == []
+
+
+def test_body_cut_short_is_retried_then_fails(server: AdversarialServer, tmp_path: Path) -> None:
+    path = f"/short/{token()}"
+    error = fetch_error(server.url(path), directory=tmp_path)
+    assert (error.status, error.reason) == (422, "upstream_error")
+    assert "connection closed early" in error.message
+    assert server.hits[path] == LOCAL.max_attempts
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_body_of_exactly_max_bytes_is_accepted(server: AdversarialServer) -> None:
@@ -930,27 +1001,39 @@ def _make_tls(tmp_path: Path, hostname: str) -> tuple[ssl.SSLContext, ssl.SSLCon
     return server_context, client_context
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("inner", [SocketBackend, httpcore.AnyIOBackend])
 def test_https_dials_the_pinned_address_and_verifies_the_hostname(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, straight_from_socket: list[int],
+        inner: type[httpcore.AsyncNetworkBackend]) -> None:
+    # SocketBackend is the default; httpcore's AnyIO backend takes the body through httpcore.
     server_context, client_context = _make_tls(tmp_path, "media.example.test")
     sni_names: list[str | None] = []
     server_context.sni_callback = lambda sock, name, ctx: sni_names.append(name)  # type: ignore[assignment,misc,return-value]
     monkeypatch.setattr(fetch_module, "_ssl_context", lambda: client_context)
     policy = FetchPolicy(extra_allowed_hosts=("*.example.test",),
-                         allowed_networks=("127.0.0.1/32",), backoff_initial_s=0.01)
+                         allowed_networks=("127.0.0.1/32",), backoff_initial_s=0.01,
+                         max_bytes=16 * MiB, hash_body=True)
     with serve(AdversarialServer(server_context)) as tls_server:
         url = tls_server.url(f"/file/{token()}", host="media.example.test", scheme="https")
-        backend = RecordingBackend(inner=httpcore.AnyIOBackend())
+        backend = RecordingBackend(inner=inner())
         result = fetch(url, policy, resolver=FakeResolver(["127.0.0.1"]),
                        network_backend=backend)
         assert result.sha256 == BODY_SHA256
         assert [host for host, _, _ in backend.dialled] == ["127.0.0.1"]
         assert sni_names == ["media.example.test"]
         assert tls_server.host_headers[-1] == f"media.example.test:{tls_server.port}"
+        # Many TLS records, more than two receive buffers.
+        size = 9 * MiB + 7
+        big = tls_server.url(f"/big/{size}/{token()}", host="media.example.test",
+                             scheme="https")
+        result = fetch(big, policy, resolver=FakeResolver(["127.0.0.1"]),
+                       network_backend=RecordingBackend(inner=inner()))
+        assert result.sha256 == hashlib.sha256(bytes(size)).hexdigest()
+        assert straight_from_socket == ([len(BODY), size] if inner is SocketBackend else [])
         # Same address, another name: the certificate does not match; no retry can help.
         wrong = tls_server.url(f"/file/{token()}", host="other.example.test", scheme="https")
-        backend = RecordingBackend(inner=httpcore.AnyIOBackend())
+        backend = RecordingBackend(inner=inner())
         error = fetch_error(wrong, policy, resolver=FakeResolver(["127.0.0.1"]),
                             network_backend=backend)
         assert (error.status, error.reason) == (422, "upstream_error")

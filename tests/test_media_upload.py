@@ -58,11 +58,8 @@ def chat(content: Any = "Describe the attachment.") -> dict[str, Any]:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(WRITE_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def sha256_url(url: str) -> tuple[str, httpx.Headers]:

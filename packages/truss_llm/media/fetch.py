@@ -7,9 +7,11 @@ temporary file without trusting anything the URL or the server says:
   host is resolved once per hop, every address is checked, and the TCP connection is
   pinned to the checked address by a network backend that cannot dial anything else (the
   hostname still goes into SNI, certificate checking and the Host header);
-* the size cap holds whatever Content-Length says; the body streams to disk in batches
-  hashed and written on a worker thread, never held whole in memory, and a failed fetch
-  leaves no file behind;
+* the size cap holds whatever Content-Length says, and the body is never held whole in
+  memory. A body with a Content-Length (an object store's GET) is read straight from the
+  socket by worker threads (`socket_backend.SocketStream.receive_body`), at curl's speed;
+  any other body streams through httpcore in batches written on a worker thread. A failed
+  fetch leaves no file behind;
 * connect, read-gap and total timeouts, the total never past the caller's deadline;
   timeouts, connection errors and 5xx are retried with jittered exponential backoff, a 4xx
   fails at once;
@@ -58,6 +60,7 @@ from truss_llm.media.policy import (
     redact_url,
     refused,
 )
+from truss_llm.media.socket_backend import SocketBackend, SocketStream
 
 __all__ = [
     "DEFAULT_ALLOWED_HOSTS",
@@ -77,9 +80,6 @@ logger = logging.getLogger(__name__)
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 MiB = 1024 * 1024
-# Bytes asked of the socket per read. httpcore asks 64 KiB; asyncio hands over up to
-# 256 KiB per wakeup, so asking for more halves the per-chunk Python overhead.
-SOCKET_READ_BYTES = 256 * 1024
 # Bytes gathered before one hash-and-write on the worker thread. Two batches live at once
 # (one being written, one being filled): the fetch's memory is about twice this.
 WRITE_BATCH_BYTES = 4 * MiB
@@ -183,30 +183,6 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
 # --- the pinned connection --------------------------------------------------------------------
 
 
-class _LargeReadStream(httpcore.AsyncNetworkStream):
-    """A network stream that reads up to SOCKET_READ_BYTES whatever httpcore asks for."""
-
-    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
-        self._inner = inner
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._inner.read(max(max_bytes, SOCKET_READ_BYTES), timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
-        return _LargeReadStream(await self._inner.start_tls(ssl_context, server_hostname,
-                                                            timeout))
-
-    def get_extra_info(self, info: str) -> typing.Any:
-        return self._inner.get_extra_info(info)
-
-
 class PinnedBackend(httpcore.AsyncNetworkBackend):
     """Dials only the addresses checked for one host: no DNS, no other host, no sockets.
 
@@ -219,7 +195,7 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
                  inner: httpcore.AsyncNetworkBackend | None = None) -> None:
         self._host = host
         self._addresses = tuple(addresses)
-        self._inner = inner or httpcore.AnyIOBackend()
+        self._inner = inner or SocketBackend()
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
                           local_address: str | None = None,
@@ -239,7 +215,7 @@ class PinnedBackend(httpcore.AsyncNetworkBackend):
             if not _is_peer(stream, address):
                 await stream.aclose()
                 raise httpcore.ConnectError("connected to an address other than the pinned one")
-            return _LargeReadStream(stream)
+            return stream
         raise failure
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,
@@ -411,13 +387,16 @@ class _FileSink:
 
     def _hash_and_write(self, batch: list[bytes]) -> None:
         for chunk in batch:
-            if self.sha256 is not None:
-                self.sha256.update(chunk)
-            if self.md5 is not None:
-                self.md5.update(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(self._fd, view):]
+            self.write_now(memoryview(chunk))
+
+    def write_now(self, view: memoryview) -> None:
+        """Hash and write on the calling thread (a worker: never the event loop's)."""
+        if self.sha256 is not None:
+            self.sha256.update(view)
+        if self.md5 is not None:
+            self.md5.update(view)
+        while view:
+            view = view[os.write(self._fd, view):]
 
     def close(self, then: Callable[[], None]) -> None:
         """Close the file and run `then`, at once or when the write in flight ends."""
@@ -581,6 +560,16 @@ async def _receive(response: httpx.Response, target: Target, policy: FetchPolicy
     await sink.reset(
         want_sha256=policy.hash_body or any(c.algorithm == "sha256" for c in checksums),
         want_md5=any(c.algorithm == "md5" for c in checksums))
+    stream = response.extensions.get("network_stream")
+    if (isinstance(stream, SocketStream) and stream.at_message_boundary
+            and declared is not None and "transfer-encoding" not in response.headers):
+        # The common case, an object store's GET: the body straight from the socket.
+        with _httpx_errors():
+            await stream.receive_body(declared, sink.write_now, timeout=policy.read_timeout_s)
+        _verify(sink, checksums, shown)
+        return declared, response.headers.get("content-type")
+    if isinstance(stream, SocketStream):
+        stream.end_of_headers()
     size = 0
     limit = policy.max_bytes
     async for chunk in response.aiter_raw():
