@@ -262,7 +262,8 @@ class SocketStream(httpcore.AsyncNetworkStream):
             cut = end + len(HEADER_END) - len(self._tail)
             data, self._pending = data[:cut], memoryview(data[cut:] + self._pending)
         self._at_boundary = end != -1
-        self._tail = (self._tail + data)[-(len(HEADER_END) - 1):]
+        # A new block starts after a blank line: its own end must not borrow from this one.
+        self._tail = b"" if self._at_boundary else window[-(len(HEADER_END) - 1):]
         return data
 
     def _shut_down(self) -> None:
