@@ -24,10 +24,17 @@ Throughput is bytes / transfer time in MB/s (10^6 bytes per second): curl's own
 (user + system, worker threads included) show where the time goes. Goals: fetch_to_file /
 curl >= 0.9 (median over repetitions), RSS growth < 64 MiB.
 
-    .venv/bin/python benchmarks/fetch_bench.py     # about a minute on 2 cores
+With `--https` the same runs go over TLS, as pre-signed object-store URLs do: the server
+wraps its socket with a throwaway self-signed certificate for media.example.test (made by
+`openssl req`), curl gets `--cacert` and `--resolve`, our fetch gets the certificate as
+`FetchPolicy.ca_file` and a resolver that answers 127.0.0.1 for that one name. Over TLS the
+server's encryption on the other core sets the pace for both.
 
-Writes benchmarks/results/fetch_bench.json and fetch_bench.png, prints a table, and deletes
-the 1 GiB file and every download.
+    .venv/bin/python benchmarks/fetch_bench.py           # about a minute and a half on 2 cores
+    .venv/bin/python benchmarks/fetch_bench.py --https   # about three minutes
+
+Writes benchmarks/results/fetch_bench.json and fetch_bench.png (fetch_bench_https.* with
+--https), prints a table, and deletes the 1 GiB file, the certificate and every download.
 """
 
 from __future__ import annotations
@@ -40,12 +47,14 @@ import os
 import platform
 import resource
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -65,6 +74,8 @@ RSS_SAMPLE_INTERVAL_S = 0.005
 SERVER_START_TIMEOUT_S = 10
 FETCH_TIMEOUT_S = 120
 SHA256_PROBE_BLOCKS = 64
+TLS_SEND_BLOCK = 1 * MiB
+TLS_HOSTNAME = "media.example.test"  # resolved to 127.0.0.1 by the benchmark itself
 TOOLS = ("curl", "fetch_to_file", "curl_then_sha256", "fetch_to_file_sha256")
 OURS = ("fetch_to_file", "fetch_to_file_sha256")
 GOAL_RATIO = 0.9
@@ -76,7 +87,8 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class _FileHandler(BaseHTTPRequestHandler):
-    """Serves the one file with sendfile: the kernel copies, Python stays out of the way."""
+    """Serves the one file: with sendfile over plain HTTP (the kernel copies, Python stays
+    out of the way), in large blocks over TLS (OpenSSL encrypts, Python barely loops)."""
 
     protocol_version = "HTTP/1.1"
     file_path: Path
@@ -91,6 +103,11 @@ class _FileHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(size))
         self.end_headers()
         self.wfile.flush()
+        if isinstance(self.connection, ssl.SSLSocket):
+            with self.file_path.open("rb") as source:
+                while block := source.read(TLS_SEND_BLOCK):
+                    self.connection.sendall(block)
+            return
         with self.file_path.open("rb") as source:
             offset = 0
             while offset < size:
@@ -101,10 +118,14 @@ class _FileHandler(BaseHTTPRequestHandler):
                 offset += sent
 
 
-def serve(file_path: Path) -> None:
+def serve(file_path: Path, certificate: Path | None) -> None:
     """Run the server on a free loopback port; print the port, serve until terminated."""
     _FileHandler.file_path = file_path
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FileHandler)
+    if certificate is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificate, certificate.with_suffix(".key"))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     print(server.server_address[1], flush=True)
     server.serve_forever()
 
@@ -122,11 +143,20 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def fetch_once(url: str, directory: Path, sha256: bool) -> dict[str, Any]:
+async def _loopback_resolver(host: str, port: int) -> list[str]:
+    """TLS_HOSTNAME is 127.0.0.1; no other name is looked up, let alone dialled."""
+    if host != TLS_HOSTNAME:
+        raise OSError(f"the benchmark resolves only {TLS_HOSTNAME}")
+    return ["127.0.0.1"]
+
+
+def fetch_once(url: str, directory: Path, sha256: bool, ca_file: Path | None,
+               ) -> dict[str, Any]:
     """Fetch `url` once in this process; report time, RSS growth and the file's sha256."""
-    policy = FetchPolicy(allow_http=True, extra_allowed_hosts=("127.0.0.1",),
+    policy = FetchPolicy(allow_http=True, extra_allowed_hosts=("127.0.0.1", TLS_HOSTNAME),
                          allowed_networks=("127.0.0.1/32",), max_bytes=4 * 1024 * MiB,
-                         total_timeout_s=FETCH_TIMEOUT_S, hash_body=sha256)
+                         total_timeout_s=FETCH_TIMEOUT_S, hash_body=sha256,
+                         ca_file=None if ca_file is None else str(ca_file))
     peak_sampled = 0
     stop = threading.Event()
 
@@ -140,7 +170,8 @@ def fetch_once(url: str, directory: Path, sha256: bool) -> dict[str, Any]:
         # Warm what a serving process has warm already: the event loop, the I/O threads.
         await asyncio.sleep(0)
         started = time.perf_counter()
-        result = await fetch_to_file(url, policy, directory=directory)
+        result = await fetch_to_file(url, policy, directory=directory,
+                                     resolver=_loopback_resolver)
         return time.perf_counter() - started, result
 
     rss_before = _rss_bytes()
@@ -184,12 +215,41 @@ def generate(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
-def run_curl(url: str, directory: Path, then_sha256: bool = False) -> dict[str, Any]:
-    target = directory / "curl.out"
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the file is served: the URL, the port, and the certificate for https."""
+
+    url: str
+    port: int
+    certificate: Path | None
+    downloads: Path
+
+    def curl_options(self) -> list[str]:
+        if self.certificate is None:
+            return []
+        return ["--cacert", str(self.certificate),
+                "--resolve", f"{TLS_HOSTNAME}:{self.port}:127.0.0.1"]
+
+
+def make_certificate(directory: Path) -> Path:
+    """A self-signed certificate for TLS_HOSTNAME (its own CA), the key beside it."""
+    certificate = directory / "server.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-days", "1", "-subj", f"/CN={TLS_HOSTNAME}",
+         "-addext", f"subjectAltName=DNS:{TLS_HOSTNAME}",
+         "-keyout", str(certificate.with_suffix(".key")), "-out", str(certificate)],
+        check=True, capture_output=True, timeout=FETCH_TIMEOUT_S)
+    return certificate
+
+
+def run_curl(endpoint: Endpoint, then_sha256: bool = False) -> dict[str, Any]:
+    target = endpoint.downloads / "curl.out"
     usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     completed = subprocess.run(
-        ["curl", "-s", "-S", "-f", "-o", str(target), "-w", "%{time_total} %{size_download}",
-         url], check=True, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S)
+        ["curl", "-s", "-S", "-f", *endpoint.curl_options(), "-o", str(target),
+         "-w", "%{time_total} %{size_download}", endpoint.url],
+        check=True, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S)
     seconds, size = completed.stdout.split()
     run: dict[str, Any] = {"seconds": float(seconds), "size": int(size)}
     if then_sha256:
@@ -205,12 +265,15 @@ def run_curl(url: str, directory: Path, then_sha256: bool = False) -> dict[str, 
     return run
 
 
-def run_curl_then_sha256(url: str, directory: Path) -> dict[str, Any]:
-    return run_curl(url, directory, then_sha256=True)
+def run_curl_then_sha256(endpoint: Endpoint) -> dict[str, Any]:
+    return run_curl(endpoint, then_sha256=True)
 
 
-def run_ours(url: str, directory: Path, sha256: bool = False) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--fetch", url, "--directory", str(directory)]
+def run_ours(endpoint: Endpoint, sha256: bool = False) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--fetch", endpoint.url,
+               "--directory", str(endpoint.downloads)]
+    if endpoint.certificate is not None:
+        command += ["--ca-file", str(endpoint.certificate)]
     if sha256:
         command.append("--sha256")
     completed = subprocess.run(command, check=True, capture_output=True, text=True,
@@ -218,8 +281,8 @@ def run_ours(url: str, directory: Path, sha256: bool = False) -> dict[str, Any]:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def run_ours_with_sha256(url: str, directory: Path) -> dict[str, Any]:
-    return run_ours(url, directory, sha256=True)
+def run_ours_with_sha256(endpoint: Endpoint) -> dict[str, Any]:
+    return run_ours(endpoint, sha256=True)
 
 
 def hashlib_sha256_mb_per_s() -> float:
@@ -267,7 +330,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for axis, unit in ((speed, "MB/s (10^6 B/s)"), (cpu, "CPU s per GiB (user + sys)")):
         axis.set_xticks(reps, [f"rep {n}" for n in reps])
         axis.set_ylabel(unit)
-    speed.set_title(f"{results['config']['size_mib']} MiB over loopback, "
+    speed.set_title(f"{results['config']['size_mib']} MiB over loopback "
+                    f"({results['config']['scheme']}), "
                     f"{results['config']['cpus']} cores: fetch_to_file / curl = "
                     f"{summary['ratio_median']:.2f}\n(with sha256: "
                     f"{summary['ratio_sha256_median']:.2f} of curl + openssl)", fontsize=10)
@@ -302,7 +366,8 @@ def print_table(results: dict[str, Any]) -> None:
           f"{s['max_rss_growth_mib']:.1f} MiB (goal < {GOAL_RSS_GROWTH_MIB})")
 
 
-def benchmark(size_mib: int, repetitions: int, workdir: Path | None) -> dict[str, Any]:
+def benchmark(size_mib: int, repetitions: int, workdir: Path | None, https: bool,
+              ) -> dict[str, Any]:
     directory = Path(tempfile.mkdtemp(prefix="fetch-bench-", dir=workdir))
     server: subprocess.Popen[str] | None = None
     runners = {"curl": run_curl, "fetch_to_file": run_ours,
@@ -314,18 +379,23 @@ def benchmark(size_mib: int, repetitions: int, workdir: Path | None) -> dict[str
         started = time.monotonic()
         expected = generate(source, size_mib * MiB)
         print(f"generated {size_mib} MiB in {time.monotonic() - started:.1f} s", flush=True)
-        server = subprocess.Popen([sys.executable, __file__, "--serve", str(source)],
-                                  stdout=subprocess.PIPE, text=True)
+        certificate = make_certificate(directory) if https else None
+        command = [sys.executable, __file__, "--serve", str(source)]
+        if certificate is not None:
+            command += ["--certificate", str(certificate)]
+        server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         assert server.stdout is not None
         port = int(server.stdout.readline())
-        url = f"http://127.0.0.1:{port}/object.bin"
-        downloads = directory / "downloads"
-        downloads.mkdir()
-        run_curl(url, downloads)  # untimed warm-up: the fresh source file's dirty pages
+        host = TLS_HOSTNAME if https else "127.0.0.1"
+        endpoint = Endpoint(url=f"{'https' if https else 'http'}://{host}:{port}/object.bin",
+                            port=port, certificate=certificate,
+                            downloads=directory / "downloads")
+        endpoint.downloads.mkdir()
+        run_curl(endpoint)  # untimed warm-up: the fresh source file's dirty pages
         for repetition in range(1, repetitions + 1):
             shift = (repetition - 1) % len(TOOLS)  # rotate who goes first
             for tool in TOOLS[shift:] + TOOLS[:shift]:
-                run = runners[tool](url, downloads)
+                run = runners[tool](endpoint)
                 check(tool, run, size_mib * MiB, expected)
                 run.update(tool=tool, repetition=repetition, mb_per_s=mb_per_s(run),
                            cpu_s_per_gib=run["cpu_s"] / (run["size"] / (1024 * MiB)))
@@ -343,6 +413,7 @@ def benchmark(size_mib: int, repetitions: int, workdir: Path | None) -> dict[str
     return {
         "config": {
             "size_mib": size_mib, "repetitions": repetitions, "cpus": os.cpu_count(),
+            "scheme": "https" if https else "http",
             "python": platform.python_version(), "httpx": httpx.__version__,
             "httpcore": httpcore.__version__,
             "body_buffer_bytes": socket_backend.BODY_BUFFER_BYTES,
@@ -389,21 +460,27 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=DEFAULT_REPETITIONS)
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the temporary file goes (default: the temp directory)")
+    parser.add_argument("--https", action="store_true",
+                        help="serve over TLS (a throwaway certificate), as object stores do")
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--certificate", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--ca-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--fetch", help=argparse.SUPPRESS)
     parser.add_argument("--directory", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--sha256", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve)
+        serve(args.serve, args.certificate)
         return
     if args.fetch:
-        print(json.dumps(fetch_once(args.fetch, args.directory, sha256=args.sha256)))
+        print(json.dumps(fetch_once(args.fetch, args.directory, sha256=args.sha256,
+                                    ca_file=args.ca_file)))
         return
-    results = benchmark(args.size_mib, args.repetitions, args.workdir)
+    results = benchmark(args.size_mib, args.repetitions, args.workdir, args.https)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "fetch_bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, RESULTS_DIR / "fetch_bench.png")
+    name = "fetch_bench_https" if args.https else "fetch_bench"
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, RESULTS_DIR / f"{name}.png")
     print_table(results)
 
 

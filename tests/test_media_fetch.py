@@ -964,8 +964,9 @@ def test_query_string_never_reaches_logs_or_errors(server: AdversarialServer,
 # --- TLS: pinned dialling keeps hostname verification ---------------------------------------
 
 
-def _make_tls(tmp_path: Path, hostname: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """A throwaway CA and a certificate for `hostname`: (server context, client context)."""
+def _make_tls(tmp_path: Path, hostname: str) -> ssl.SSLContext:
+    """A throwaway CA, written to tmp_path/ca.pem, and a server context whose certificate,
+    signed by it, names `hostname`."""
     x509 = pytest.importorskip("cryptography.x509")
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -997,23 +998,21 @@ def _make_tls(tmp_path: Path, hostname: str) -> tuple[ssl.SSLContext, ssl.SSLCon
         pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_context.load_cert_chain(tmp_path / "leaf.pem", tmp_path / "leaf.key")
-    client_context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
-    return server_context, client_context
+    return server_context
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("inner", [SocketBackend, httpcore.AnyIOBackend])
 def test_https_dials_the_pinned_address_and_verifies_the_hostname(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, straight_from_socket: list[int],
+        tmp_path: Path, straight_from_socket: list[int],
         inner: type[httpcore.AsyncNetworkBackend]) -> None:
     # SocketBackend is the default; httpcore's AnyIO backend takes the body through httpcore.
-    server_context, client_context = _make_tls(tmp_path, "media.example.test")
+    server_context = _make_tls(tmp_path, "media.example.test")
     sni_names: list[str | None] = []
     server_context.sni_callback = lambda sock, name, ctx: sni_names.append(name)  # type: ignore[assignment,misc,return-value]
-    monkeypatch.setattr(fetch_module, "_ssl_context", lambda: client_context)
     policy = FetchPolicy(extra_allowed_hosts=("*.example.test",),
                          allowed_networks=("127.0.0.1/32",), backoff_initial_s=0.01,
-                         max_bytes=16 * MiB, hash_body=True)
+                         max_bytes=16 * MiB, hash_body=True, ca_file=str(tmp_path / "ca.pem"))
     with serve(AdversarialServer(server_context)) as tls_server:
         url = tls_server.url(f"/file/{token()}", host="media.example.test", scheme="https")
         backend = RecordingBackend(inner=inner())
@@ -1040,3 +1039,19 @@ def test_https_dials_the_pinned_address_and_verifies_the_hostname(
         assert "certificate" in error.message
         assert len(backend.dialled) == 1
         assert tls_server.hits[urlsplit(wrong).path] == 0
+
+
+def test_the_system_cas_do_not_vouch_for_a_private_ca(tmp_path: Path) -> None:
+    server_context = _make_tls(tmp_path, "media.example.test")
+    policy = FetchPolicy(extra_allowed_hosts=("*.example.test",),
+                         allowed_networks=("127.0.0.1/32",), backoff_initial_s=0.01)
+    with serve(AdversarialServer(server_context)) as tls_server:
+        url = tls_server.url(f"/file/{token()}", host="media.example.test", scheme="https")
+        error = fetch_error(url, policy, resolver=FakeResolver(["127.0.0.1"]))
+    assert (error.status, error.reason) == (422, "upstream_error")
+    assert "certificate" in error.message
+
+
+def test_ca_file_must_be_readable(tmp_path: Path) -> None:
+    with pytest.raises(pydantic.ValidationError, match="ca_file"):
+        FetchPolicy(ca_file=str(tmp_path / "missing.pem"))

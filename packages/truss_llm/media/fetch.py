@@ -291,9 +291,9 @@ class PinnedTransport(httpx.AsyncBaseTransport):
     attempt starts clean.
     """
 
-    def __init__(self, backend: PinnedBackend) -> None:
+    def __init__(self, backend: PinnedBackend, ssl_context: ssl.SSLContext) -> None:
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=_ssl_context(), max_connections=1, max_keepalive_connections=0,
+            ssl_context=ssl_context, max_connections=1, max_keepalive_connections=0,
             http1=True, http2=False, retries=0, network_backend=backend)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -315,9 +315,12 @@ class PinnedTransport(httpx.AsyncBaseTransport):
         await self._pool.aclose()
 
 
-@functools.lru_cache(maxsize=1)
-def _ssl_context() -> ssl.SSLContext:
-    # Loading the CA bundle takes tens of milliseconds; one context serves every fetch.
+@functools.lru_cache(maxsize=8)
+def _ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
+    # Loading a CA bundle takes tens of milliseconds; one context per bundle serves every
+    # fetch.
+    if ca_file is not None:
+        return ssl.create_default_context(cafile=ca_file)
     return httpx.create_ssl_context()
 
 
@@ -506,7 +509,8 @@ async def _attempt(target: Target, addresses: list[str], policy: FetchPolicy,
                    ) -> tuple[int, str | None] | _Redirect:
     """GET one hop once: the body into `sink` (returns size and content type) or a redirect."""
     shown = target.shown
-    transport = PinnedTransport(PinnedBackend(target.host, addresses, network_backend))
+    transport = PinnedTransport(PinnedBackend(target.host, addresses, network_backend),
+                                _ssl_context(policy.ca_file))
     request = httpx.Request(
         "GET", target.url,
         # identity: the bytes stored are the bytes counted and hashed (no gzip bombs).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass
@@ -115,6 +116,12 @@ def _valid_networks(networks: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(str(ipaddress.ip_network(n.strip(), strict=False)) for n in networks)
 
 
+def _readable_file(path: str | None) -> str | None:
+    if path is not None and not os.access(path, os.R_OK):
+        raise ValueError(f"ca_file {path!r} is not a readable file")
+    return path
+
+
 HostPatterns = Annotated[tuple[str, ...], AfterValidator(_lowercase_patterns)]
 Networks = Annotated[tuple[str, ...], AfterValidator(_valid_networks)]
 
@@ -142,6 +149,9 @@ class FetchPolicy(BaseModel):
     # than the download itself (about 0.85 s/GiB on one core here). A checksum to verify,
     # the caller's expected_sha256 or the store's header, turns hashing on regardless.
     hash_body: bool = False
+    # A PEM bundle to verify servers against instead of the system's and certifi's CAs: an
+    # S3-compatible store behind a private CA. The hostname is still checked.
+    ca_file: Annotated[str | None, AfterValidator(_readable_file)] = None
 
     @property
     def host_patterns(self) -> tuple[str, ...]:
