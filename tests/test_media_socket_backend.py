@@ -230,3 +230,33 @@ def test_connect_to_a_closed_port_is_a_connect_error() -> None:
         port = sock.getsockname()[1]
     with pytest.raises(httpcore.ConnectError):
         run(SocketBackend().connect_tcp("127.0.0.1", port, timeout=2))
+
+
+@pytest.mark.timeout(10)
+def test_a_second_cancellation_still_waits_for_the_write_in_flight(
+        pair: tuple[SocketStream, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket_backend, "BODY_BUFFER_BYTES", 4096)
+    stream, peer = pair
+    writing = threading.Event()
+    finished: list[float] = []
+
+    def slow_disk(view: memoryview) -> None:
+        writing.set()
+        time.sleep(0.5)
+        finished.append(time.monotonic())
+
+    async def scenario() -> float:
+        peer.sendall(HEAD)
+        await stream.read(65536, timeout=5)
+        task = asyncio.create_task(stream.receive_body(10 * 4096, slow_disk, timeout=30))
+        peer.sendall(bytes(4096))  # one buffer: its write starts and takes 0.5 s
+        await asyncio.get_running_loop().run_in_executor(None, writing.wait, 5)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()  # impatient: cancelled again while the first one is handled
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic()
+
+    returned = run(scenario())
+    assert len(finished) == 1 and returned >= finished[0]

@@ -185,9 +185,14 @@ class SocketStream(httpcore.AsyncNetworkStream):
         try:
             await asyncio.shield(done)
         except asyncio.CancelledError:
-            self._shut_down()  # a blocked recv returns at once
-            with contextlib.suppress(Exception):
-                await done
+            self._shut_down()  # a blocked recv returns at once; at most one write remains
+            # Wait it out even through another cancellation (this one is re-raised anyway):
+            # returning earlier would let the caller close a file the thread still writes.
+            while not done.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([done])
+            if not done.cancelled():
+                done.exception()  # retrieved: the failure is the cancellation's doing
             raise
 
     def _receive_body(self, length: int, consume: Callable[[memoryview], None],
