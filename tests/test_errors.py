@@ -46,6 +46,12 @@ CASES = {
     "temperature wrong type": (chat_body(temperature="hot"), 400, "temperature",
                                "temperature"),
     "n wrong type": (chat_body(n="three"), 400, "n", "n"),
+    # pydantic alone would coerce these: "yes" to true, "2" to 2.
+    "stream as a string": (chat_body(stream="yes"), 400, "expected a boolean", "stream"),
+    "n as a numeric string": (chat_body(n="2"), 400, "expected an integer", "n"),
+    "logprobs as a number": (chat_body(logprobs=1), 400, "expected a boolean", "logprobs"),
+    "temperature as true": (chat_body(temperature=True), 400, "expected a number",
+                            "temperature"),
     "prompt longer than context": (
         chat_body(messages=[{"role": "user", "content": "weather " * 600}]), 400,
         "maximum context length", None),
@@ -81,6 +87,14 @@ def test_bad_completion_request_gets_openai_4xx(http: httpx.Client) -> None:
     missing = http.post("/v1/completions", json={"model": MODEL_NAME})
     assert missing.status_code == 400
     assert missing.json()["error"]["param"] == "prompt"
+    echo = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hi",
+                                              "echo": "true", "max_tokens": 2})
+    assert echo.status_code == 400
+    assert (echo.json()["error"]["param"], echo.json()["error"]["code"]) == ("echo", 400)
+    # On completions `logprobs` is a count, and a float that is a whole number is one.
+    counted = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hi",
+                                                 "logprobs": 2, "max_tokens": 2, "n": 1.0})
+    assert counted.status_code == 200, counted.text
     too_long = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "a " * 2000})
     assert too_long.status_code == 400
     assert "context length" in too_long.json()["error"]["message"]

@@ -44,6 +44,9 @@ def test_openai_models_retrieve(server: Server) -> None:
     assert getattr(missing.value, "status_code", None) == 404
     root = OpenAI(base_url=f"{server.base_url}/v1", api_key="local", max_retries=0)
     assert root.models.retrieve(MODEL_NAME).owned_by == "vllm"
+    with pytest.raises(Exception) as missing:
+        root.models.retrieve("gpt-9")
+    assert getattr(missing.value, "status_code", None) == 404
     # The readiness probe keeps its own answer.
     assert httpx.get(f"{server.base_url}/v1/models/model").json() == {}
 

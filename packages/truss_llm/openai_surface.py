@@ -85,6 +85,40 @@ def check_chat_messages(body: dict[str, Any]) -> None:
                                param=f"{param}.tool_call_id")
 
 
+# OpenAI's JSON types for the scalar parameters, checked as OpenAI checks them: vLLM's
+# pydantic models are lax and would take "yes" for true and "10" for 10.
+_BOOLEAN, _INTEGER, _NUMBER = "a boolean", "an integer", "a number"
+_SHARED_TYPES = {"stream": _BOOLEAN, "n": _INTEGER, "seed": _INTEGER,
+                 "temperature": _NUMBER, "top_p": _NUMBER, "presence_penalty": _NUMBER,
+                 "frequency_penalty": _NUMBER}
+CHAT_PARAM_TYPES = {**_SHARED_TYPES, "logprobs": _BOOLEAN, "top_logprobs": _INTEGER,
+                    "parallel_tool_calls": _BOOLEAN, "store": _BOOLEAN}
+COMPLETION_PARAM_TYPES = {**_SHARED_TYPES, "echo": _BOOLEAN, "logprobs": _INTEGER,
+                          "best_of": _INTEGER}
+_JSON_TYPE_NAMES = {bool: _BOOLEAN, int: _INTEGER, float: _NUMBER, str: "a string",
+                    list: "an array", dict: "an object"}
+
+
+def _has_json_type(value: Any, expected: str) -> bool:
+    if expected == _BOOLEAN:
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # true is not 1 in JSON
+        return False
+    if expected == _INTEGER:
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    return isinstance(value, int | float)
+
+
+def check_param_types(body: dict[str, Any], expected_types: dict[str, str]) -> None:
+    """A parameter of the wrong JSON type is a 400 naming it (null means "not given")."""
+    for name, expected in expected_types.items():
+        value = body.get(name)
+        if value is not None and not _has_json_type(value, expected):
+            got = _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+            raise RequestError(f"Invalid type for '{name}': expected {expected}, but got "
+                               f"{got} instead.", param=name)
+
+
 def check_token_limits(body: dict[str, Any]) -> None:
     """Name the field the client sent: vLLM reports both spellings as `max_tokens`."""
     for field in ("max_tokens", "max_completion_tokens"):
@@ -188,6 +222,7 @@ class OpenAISurface:
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
         check_chat_messages(body)
+        check_param_types(body, CHAT_PARAM_TYPES)
         check_token_limits(body)
         body = await self._media.resolve(body)
         parsed = ChatCompletionRequest.model_validate(body)
@@ -198,6 +233,7 @@ class OpenAISurface:
 
         if "prompt" not in body:
             raise RequestError("Missing required parameter: 'prompt'.", param="prompt")
+        check_param_types(body, COMPLETION_PARAM_TYPES)
         check_token_limits(body)
         parsed = CompletionRequest.model_validate(body)
         return await self._completion.create_completion(parsed, request)

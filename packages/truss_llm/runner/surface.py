@@ -38,6 +38,7 @@ ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 TRUSS_PREDICT = "/v1/models/model:predict"
 ASYNC_REQUEST_PREFIX = "/async_request/"
 MODELS_PREFIX = "/v1/models/"
+TRUSS_MODEL_NAME = "model"  # truss's readiness probe asks for /v1/models/model
 
 REQUESTS = Counter("baseten_surface_requests_total", "Requests by route and status code.",
                    ["route", "code"])
@@ -100,7 +101,12 @@ class BasetenSurface:
         if path.startswith(MODELS_PREFIX) and method == "GET" and self.lifecycle.loaded:
             # `/v1/models/{id}` is also truss's readiness route (probes ask for "model", and
             # must never wait for a load): answer OpenAI's retrieve only for a served name.
-            model = await self._model_card(path[len(MODELS_PREFIX):], wake=False)
+            name = path[len(MODELS_PREFIX):]
+            model = await self._model_card(name, wake=False)
+            if model is None and name != TRUSS_MODEL_NAME and "/" not in name:
+                # Not the probe's name, not a served one: OpenAI's 404, not truss's `{}`,
+                # which the OpenAI SDK would take for a model with no fields.
+                model = openai_error(404, f"The model `{name}` does not exist.")
             if model is not None:
                 await self._respond(model, scope, receive, send, "models")
                 return
