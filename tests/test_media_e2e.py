@@ -87,10 +87,10 @@ def test_101_mb_request_is_rewritten_accepted_and_judged_by_the_model(
     assert len(fitted.uploaded) == 1
     response = http.post("/production/predict", json=fitted.body)
     # Accepted by the runner and fetched by the model, which judges the document: this one
-    # cannot fit a 512-token context, so it is refused by its size, before a full download.
-    assert response.status_code == 413, response.text
+    # has far too many tokens for a 512-token context, which it says before a full download.
+    assert response.status_code == 400, response.text
     message = response.json()["error"]
-    assert "big.txt" in message and "cannot fit the model's context" in message
+    assert "big.txt" in message and "too many tokens" in message and "512" in message
 
 
 def test_media_errors_are_4xx_with_the_reason(http: httpx.Client, s3_endpoint: str,
@@ -112,3 +112,23 @@ def test_media_errors_are_4xx_with_the_reason(http: httpx.Client, s3_endpoint: s
     binary = http.post("/production/predict", json=chat([{"type": "file", "file": {
         "file_data": base64.b64encode(b"\xff\xfe\x00binary").decode(), "filename": "x.bin"}}]))
     assert binary.status_code == 400 and "not UTF-8 text" in binary.json()["error"]
+
+
+def test_a_document_with_too_many_tokens_is_a_400_that_says_so(
+        http: httpx.Client, store: S3Store, tmp_path: Path) -> None:
+    # Small enough to be fetched and read, too many tokens once read: vLLM's own check.
+    longer = tmp_path / "longer.txt"
+    longer.write_text(NOTES * 8)
+    fitted = fit_request(attach_file(chat("Summarize."), longer), store, limit_bytes=1024,
+                         expires_in_s=600)
+    response = http.post("/environments/production/sync/v1/chat/completions", json=fitted.body)
+    assert response.status_code == 400, response.text
+    assert "context length" in response.json()["error"]["message"]
+    # Too many bytes for any text to fit: said before anything is fetched or decoded.
+    inline = http.post("/environments/production/sync/v1/chat/completions", json=chat([
+        {"type": "file", "file": {"file_data": base64.b64encode(b"x" * 2 * MB).decode(),
+                                  "filename": "huge.txt"}}]))
+    assert inline.status_code == 400, inline.text
+    error = inline.json()["error"]
+    assert "huge.txt" in error["message"] and "too many tokens" in error["message"]
+    assert error["param"] == "messages[0].content[0]"

@@ -2,8 +2,8 @@
 
 - `{"type": "file", "file": {"file_url": "https://...", "filename": "notes.txt"}}` (or
   `file_data`, base64): a text document, fetched or decoded, then inlined into the prompt as
-  a text part. Only UTF-8 text is accepted; a document that cannot fit the model's context
-  is refused before it is downloaded in full.
+  a text part. Only UTF-8 text is accepted; a document with more bytes than the model's
+  context could hold as tokens is a 400 that says so, before it is downloaded in full.
 - `image_url`, `input_audio` (`data` holding an http(s) URL), `audio_url`, `video_url`
   with http(s) URLs: fetched by our fetcher (not vLLM's, which has no SSRF policy of ours)
   and handed to vLLM inline, when the served model takes that modality; otherwise a 400
@@ -65,6 +65,7 @@ class MediaResolver:
                  longest_token_chars: int, modalities: frozenset[str]) -> None:
         self.policy = policy.model_copy(update={"hash_body": False})  # nothing reads it here
         self.model_name = model_name
+        self.max_model_len = max_model_len
         self.modalities = modalities
         # No document longer than this can fit the context, whatever its text.
         self.max_document_bytes = min(
@@ -170,17 +171,23 @@ class MediaResolver:
         if data.startswith("data:"):
             data = data.partition(",")[2]
         if len(data) * 3 // 4 > self.max_document_bytes:
-            raise RequestError(self._too_long(name, len(data) * 3 // 4), status=413,
-                               param=where)
+            raise self._document_too_big(where, name, f"{len(data) * 3 // 4:,}")
         try:
             return base64.b64decode(data, validate=False)
         except (binascii.Error, ValueError):
             raise RequestError(f"{where}.file.file_data is not valid base64.",
                                param=where) from None
 
-    def _too_long(self, name: str, size: int | str) -> str:
-        return (f"The document {name!r} ({size} bytes) cannot fit the model's context: at most "
-                f"{self.max_document_bytes:,} bytes of text fit in {self.model_name!r}.")
+    def _document_too_big(self, where: str, name: str, size: str) -> RequestError:
+        if self.max_document_bytes < self.policy.max_bytes:  # the context is the bound
+            return RequestError(
+                f"{where}: the document {name!r} ({size} bytes) has too many tokens for the "
+                f"model's context: {self.model_name!r} takes at most {self.max_model_len:,} "
+                f"tokens, which no text over {self.max_document_bytes:,} bytes fits in. "
+                "Send a shorter document, or split it across requests.", param=where)
+        return RequestError(f"{where}: the document {name!r} ({size} bytes) exceeds the "
+                            f"media size limit of {self.policy.max_bytes:,} bytes.",
+                            status=413, param=where)
 
     async def _fetch(self, url: str, policy: FetchPolicy, where: str, deadline: float | None,
                      document: str | None = None) -> FetchedFile:
@@ -188,10 +195,10 @@ class MediaResolver:
             return await fetch_to_file(url, policy, deadline=deadline)
         except FetchError as exc:
             if exc.reason == FetchError.TOO_LARGE and document is not None:
-                message = f"{where}: {self._too_long(document, f'over {policy.max_bytes:,}')}"
-            else:
-                what = f"document {document!r}" if document else "media"
-                message = f"{where}: could not fetch {what} ({exc.reason}): {exc.message}"
+                raise self._document_too_big(where, document,
+                                             f"over {policy.max_bytes:,}") from None
+            what = f"document {document!r}" if document else "media"
+            message = f"{where}: could not fetch {what} ({exc.reason}): {exc.message}"
             raise RequestError(message, status=exc.status, param=where) from None
 
     async def _fetch_as_data_url(self, url: str, where: str, deadline: float | None) -> str:
