@@ -21,6 +21,7 @@ import binascii
 import copy
 import mimetypes
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ LIST_FIELDS = ("allowed_hosts", "extra_allowed_hosts", "allowed_networks")
 # Byte-level BPE tokens are at most this many UTF-8 bytes per vocabulary character.
 UTF8_MAX_BYTES_PER_CHAR = 4
 DOCUMENT_TEMPLATE = "[file: {name}]\n{text}"
+PARALLEL_FETCHES = 8  # media parts of one request fetched at once
 URL_PART_KINDS = {"image_url": "image", "audio_url": "audio", "video_url": "video"}
 
 
@@ -87,17 +89,36 @@ class MediaResolver:
 
     async def resolve(self, body: dict[str, Any], deadline: float | None = None
                       ) -> dict[str, Any]:
+        """The body with every media part resolved; the parts are fetched side by side.
+
+        One deadline covers them all (by default the policy's total timeout from now), so
+        a request with many parts still ends in bounded time; the first failure cancels
+        the other fetches and is raised.
+        """
         if not self.needs_resolving(body):
             return body
         body = copy.deepcopy(body)
-        for m, message in enumerate(body["messages"]):
-            content = message.get("content") if isinstance(message, dict) else None
-            if not isinstance(content, list):
-                continue
-            for p, part in enumerate(content):
-                where = f"messages[{m}].content[{p}]"
-                if isinstance(part, dict):
-                    content[p] = await self._resolve_part(part, where, deadline)
+        if deadline is None:
+            deadline = time.monotonic() + self.policy.total_timeout_s
+        slots = asyncio.Semaphore(PARALLEL_FETCHES)
+
+        async def resolve_into(content: list[Any], index: int, where: str) -> None:
+            async with slots:
+                content[index] = await self._resolve_part(content[index], where, deadline)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for m, message in enumerate(body["messages"]):
+                    content = message.get("content") if isinstance(message, dict) else None
+                    if not isinstance(content, list):
+                        continue
+                    for p, part in enumerate(content):
+                        if isinstance(part, dict):
+                            group.create_task(
+                                resolve_into(content, p, f"messages[{m}].content[{p}]"))
+        except BaseExceptionGroup as failed:  # the user's mistake first, if there is one
+            raise next((e for e in failed.exceptions if isinstance(e, RequestError)),
+                       failed.exceptions[0]) from None
         return body
 
     async def _resolve_part(self, part: dict[str, Any], where: str, deadline: float | None
