@@ -146,7 +146,7 @@ class FetchPolicy(BaseModel):
     backoff_initial_s: float = Field(default=DEFAULT_BACKOFF_INITIAL_S, ge=0)
     backoff_max_s: float = Field(default=DEFAULT_BACKOFF_MAX_S, ge=0)
     # sha256 of every fetched byte (FetchedFile.sha256). Off by default: it costs more CPU
-    # than the download itself (about 0.85 s/GiB on one core here). A checksum to verify,
+    # than the download itself (0.85-0.97 s/GiB on one core here). A checksum to verify,
     # the caller's expected_sha256 or the store's header, turns hashing on regardless.
     hash_body: bool = False
     # A PEM bundle to verify servers against instead of the system's and certifi's CAs: an
