@@ -1055,3 +1055,21 @@ def test_the_system_cas_do_not_vouch_for_a_private_ca(tmp_path: Path) -> None:
 def test_ca_file_must_be_readable(tmp_path: Path) -> None:
     with pytest.raises(pydantic.ValidationError, match="ca_file"):
         FetchPolicy(ca_file=str(tmp_path / "missing.pem"))
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_fetches_each_get_their_own_bytes(server: AdversarialServer, tmp_path: Path,
+                                                     straight_from_socket: list[int]) -> None:
+    sizes = [1 * MiB + 17 * n for n in range(16)]  # distinct sizes, so a mix-up shows
+
+    async def scenario() -> list[FetchedFile]:
+        policy = local(max_bytes=4 * MiB)
+        return await asyncio.gather(*(
+            fetch_to_file(server.url(f"/big/{size}/{token()}"), policy, directory=tmp_path)
+            for size in sizes))
+
+    results = asyncio.run(scenario())
+    for size, result in zip(sizes, results, strict=True):
+        assert result.size == result.path.stat().st_size == size
+        assert result.sha256 == hashlib.sha256(bytes(size)).hexdigest()
+    assert sorted(straight_from_socket) == sorted(sizes)
