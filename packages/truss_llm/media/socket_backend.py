@@ -7,17 +7,17 @@ machine that ran at under half of curl's speed, whatever the chunk size.
 Here the HTTP exchange still goes through httpx, httpcore and h11 as usual: request, status
 line, headers, redirects, chunked and close-delimited bodies. But a body with a
 Content-Length can be taken by `SocketStream.receive_body` instead: one worker thread reads
-it straight from the socket (or the TLS socket) into a reused buffer and hands each filled
-buffer to the caller's `consume`, which writes it to disk, on the same thread.
+it straight from the socket (or the TLS socket) into one of two reused buffers while a
+second thread runs the caller's `consume` (the disk write, a hash) on the other one.
 
 That is only correct if h11 holds none of the body when httpcore returns the response. The
 stream sees to it: while reading headers, `read` hands over bytes only up to the end of a
 header block (the blank line) and keeps what follows for the next read, so the body's first
 bytes are still here. `at_message_boundary` says whether that holds.
 
-Every call runs on this module's own thread pool, not the loop's default executor (which the
-server may fill with blocking work). A cancelled call leaves its thread to finish: the socket
-is shut down at once, which ends any blocked read, and closed once no thread uses it.
+Every call runs on this module's own thread pools, not the loop's default executor (which
+the server may fill with blocking work). A cancelled call leaves its thread to finish: the
+socket is shut down at once, which ends any blocked read, and closed once no thread uses it.
 """
 
 from __future__ import annotations
