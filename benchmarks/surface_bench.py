@@ -490,7 +490,7 @@ def forwarding_cost(repeats: int = 7) -> dict[str, Any]:
     path (.../sync/v1/chat/completions), alternately, median of `repeats` runs. A noise-free
     bound for what the HTTP rounds above try to resolve on a noisy machine."""
     from truss_llm.runner.settings import RunnerSettings
-    from truss_llm.runner.surface import BasetenSurface, json_post_scope
+    from truss_llm.runner.surface import BasetenSurface, json_post_scope, one_body_receive
 
     payload = json.dumps(chat_body(0, STREAM_MAX_TOKENS, True)).encode()
 
@@ -516,15 +516,7 @@ def forwarding_cost(repeats: int = 7) -> dict[str, Any]:
         return json_post_scope(path, payload, 8080)
 
     async def call(surface: Any, path: str) -> None:
-        delivered = False
-
-        async def receive() -> dict:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": payload, "more_body": False}
-            await asyncio.sleep(3600)
-            return {"type": "http.disconnect"}
+        receive = one_body_receive(payload, lambda: asyncio.sleep(3600))
 
         async def send(message: dict) -> None:
             pass
@@ -844,12 +836,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ratio_ax.legend(fontsize=8, loc="lower right")
 
     width = 0.38
-    for offset, route, color in ((-width / 2, "direct", "#4c72b0"),
-                                 (width / 2, "surface", "#55a868")):
-        values = [s[route]["tokens_per_s"] for s in levels.values()]
-        bars = tps_ax.bar([x + offset for x in xs], values, width, color=color,
-                          label=f"{route} ({ROUTES[route]})")
-        tps_ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8)
+    def route_bars(ax: Any, key: str, label: Callable[[str], str]) -> None:
+        """One labelled bar per route and concurrency level, direct beside surface."""
+        for offset, route, color in ((-width / 2, "direct", "#4c72b0"),
+                                     (width / 2, "surface", "#55a868")):
+            values = [s[route][key] for s in levels.values()]
+            bars = ax.bar([x + offset for x in xs], values, width, color=color,
+                          label=label(route))
+            ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8)
+
+    route_bars(tps_ax, "tokens_per_s", lambda route: f"{route} ({ROUTES[route]})")
     tps_ax.set_ylim(top=tps_ax.get_ylim()[1] * 1.25)
     tps_ax.set_xticks(xs, labels)
     tps_ax.set_xlabel("concurrent streams")
@@ -894,11 +890,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     async_ax.set_title(title, fontsize=10)
     async_ax.legend(fontsize=8, loc="upper right")
 
-    for offset, route, color in ((-width / 2, "direct", "#4c72b0"),
-                                 (width / 2, "surface", "#55a868")):
-        values = [s[route]["runner_cpu_ms_per_1k_tokens"] for s in levels.values()]
-        bars = cpu_ax.bar([x + offset for x in xs], values, width, color=color, label=route)
-        cpu_ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8)
+    route_bars(cpu_ax, "runner_cpu_ms_per_1k_tokens", lambda route: route)
     cpu_ax.set_ylim(top=cpu_ax.get_ylim()[1] * 1.2)
     cpu_ax.set_xticks(xs, labels)
     cpu_ax.set_xlabel("concurrent streams")

@@ -56,6 +56,22 @@ def json_post_scope(path: str, body: bytes, port: int) -> dict:
             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", port)}
 
 
+def one_body_receive(body: bytes, until: Callable[[], Awaitable[object]]) -> Callable:
+    """An ASGI `receive` for an in-process call: the whole body once, then, after `until()`
+    returns, a disconnect."""
+    delivered = False
+
+    async def receive() -> dict:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await until()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
 def baseten_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -213,15 +229,8 @@ class BasetenSurface:
         done = asyncio.Event()
         status = 0
         chunks: list[bytes] = []
-        body_sent = False
-
-        async def receive() -> dict:
-            nonlocal body_sent
-            if not body_sent:
-                body_sent = True
-                return {"type": "http.request", "body": model_input, "more_body": False}
-            await done.wait()  # nobody disconnects from an async job before it is done
-            return {"type": "http.disconnect"}
+        # Nobody disconnects from an async job before it is done.
+        receive = one_body_receive(model_input, done.wait)
 
         async def send(message: dict) -> None:
             nonlocal status
