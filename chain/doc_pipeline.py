@@ -107,7 +107,7 @@ async def split_and_map(splitter: SplitStep, mapper: MapStep, request: ChainRequ
         deadline_unix=deadline_unix))
     if split.error is not None:
         raise ChainFailure.of(split.error)
-    call = CallOptions(question=request.question, max_output_tokens=options.max_output_tokens,
+    call = CallOptions(question=request.question, max_output_tokens=split.max_output_tokens,
                        temperature=options.temperature, max_attempts=options.max_attempts)
     # The reduce keeps a share of what is left; the map gets the rest.
     map_deadline = deadline_unix - (deadline_unix - time.time()) * REDUCE_RESERVE_FRACTION
@@ -146,7 +146,8 @@ async def run_chain(splitter: SplitStep, mapper: MapStep, reducer: ReduceStep,
     timings = mapped.timings
     timings.reduce_s = time.monotonic() - reduce_started
     timings.total_s = time.monotonic() - mapped.started
-    usage = Usage()
+    usage = Usage(map_calls=mapped.mapped.usage.model_calls,
+                  reduce_calls=reduced.usage.model_calls)
     usage.add(mapped.mapped.usage)
     usage.add(reduced.usage)
     return ChainResult(

@@ -21,17 +21,14 @@ SAFETY_TOKENS = 16
 TOKENS_PER_PARTIAL = 8
 REDUCE_MIN_FAN_IN = 2  # a reduce call that cannot merge two partials never finishes
 
-MAP_SYSTEM_SUMMARY = ("You read one part of a long document. Summarise what this part "
-                      "says, briefly and factually.")
-MAP_SYSTEM_QUESTION = ("You read one part of a long document. Note briefly what this part "
-                       "says that helps answer the question; say 'nothing' if it says "
-                       "nothing relevant.\nQuestion: {question}")
-REDUCE_SYSTEM_SUMMARY = ("These are summaries of consecutive parts of one document. "
-                         "Merge them into one brief summary.")
-REDUCE_SYSTEM_QUESTION = ("These are notes taken on consecutive parts of one document to "
-                          "answer a question. Merge them into one brief answer.\n"
-                          "Question: {question}")
-MAP_USER = "Part {number} of {total}:\n\n{chunk}"
+# Short on purpose: every token here is taken from each chunk.
+MAP_SYSTEM_SUMMARY = "Summarise this part of a long document, briefly and factually."
+MAP_SYSTEM_QUESTION = ("Note briefly what this part of a long document says that answers "
+                       "the question, or 'nothing'.\nQuestion: {question}")
+REDUCE_SYSTEM_SUMMARY = "Merge these summaries of consecutive parts of a document into one."
+REDUCE_SYSTEM_QUESTION = ("Merge these notes on consecutive parts of a document into one "
+                          "brief answer.\nQuestion: {question}")
+MAP_USER = "Part {number}/{total}:\n{chunk}"
 PARTIAL_LINE = "[{number}] {text}"
 PARTIAL_SEPARATOR = "\n\n"
 

@@ -15,6 +15,7 @@ MAX_MAP_CONCURRENCY = 64
 DEFAULT_MAP_CONCURRENCY = 8
 MAX_OUTPUT_TOKENS = 4096
 DEFAULT_OUTPUT_TOKENS = 256
+CONTEXT_SHARE_FOR_OUTPUT = 8  # default output: at most 1/8 of the context
 MAX_QUESTION_CHARS = 4000
 MAX_URL_CHARS = 8192
 MAX_INLINE_TEXT_BYTES = 90 * 1024 * 1024  # under Baseten's 100 MB body cap
@@ -39,8 +40,9 @@ class ChainOptions(_Strict):
         "beside the prompt and the output.")
     map_concurrency: int = Field(default=DEFAULT_MAP_CONCURRENCY, ge=1,
                                  le=MAX_MAP_CONCURRENCY)
-    max_output_tokens: int = Field(default=DEFAULT_OUTPUT_TOKENS, ge=1, le=MAX_OUTPUT_TOKENS,
-                                   description="Longest answer of one model call.")
+    max_output_tokens: int | None = Field(
+        default=None, ge=1, le=MAX_OUTPUT_TOKENS, description="Longest answer of one model "
+        f"call; default {DEFAULT_OUTPUT_TOKENS}, or an eighth of a smaller context.")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     failure_policy: FailurePolicy = Field(
         default="partial", description="A chunk that still fails after its retries: "
@@ -74,13 +76,17 @@ class ChainRequest(_Strict):
 
 
 class Usage(_Strict):
-    model_calls: int = 0
+    model_calls: int = 0  # HTTP calls to the model, retries included
+    map_calls: int = 0
+    reduce_calls: int = 0
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
     def add(self, other: "Usage") -> None:
         self.model_calls += other.model_calls
+        self.map_calls += other.map_calls
+        self.reduce_calls += other.reduce_calls
         self.retries += other.retries
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
@@ -142,7 +148,7 @@ class SplitRequest(_Strict):
     text: str | None = None
     question: str | None = None
     chunk_tokens: int | None = None
-    max_output_tokens: int
+    max_output_tokens: int | None = None
     deadline_unix: float
 
 
@@ -151,6 +157,7 @@ class SplitResult(_Strict):
     chunk_tokens: list[int] = Field(default_factory=list)
     document_bytes: int = 0
     document_tokens: int = 0
+    max_output_tokens: int = 0  # as asked, or the default for this model's context
     reduce_budget_tokens: int = 0  # tokens of partial answers one reduce call can take
     fetch_s: float = 0.0
     split_s: float = 0.0

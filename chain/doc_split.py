@@ -20,7 +20,13 @@ from http import HTTPStatus
 
 from doc_llm import monotonic_deadline
 from doc_prompts import Budget, TokenCounter
-from doc_schemas import ChainError, SplitRequest, SplitResult
+from doc_schemas import (
+    CONTEXT_SHARE_FOR_OUTPUT,
+    DEFAULT_OUTPUT_TOKENS,
+    ChainError,
+    SplitRequest,
+    SplitResult,
+)
 from truss_llm.media.fetch import fetch_to_file
 from truss_llm.media.policy import FetchError, FetchPolicy
 
@@ -161,7 +167,9 @@ def split_text(text: str, chunk_tokens: int, counter: TokenCounter) -> list[tupl
 async def split_document(request: SplitRequest, counter: TokenCounter, policy: FetchPolicy,
                          context_tokens: int) -> SplitResult:
     """The splitter's whole job; every problem comes back as `error`, never raised."""
-    budget = Budget(counter, context_tokens, request.max_output_tokens, request.question)
+    max_output_tokens = request.max_output_tokens or min(
+        DEFAULT_OUTPUT_TOKENS, context_tokens // CONTEXT_SHARE_FOR_OUTPUT)
+    budget = Budget(counter, context_tokens, max_output_tokens, request.question)
     if problem := budget.problem(request.chunk_tokens):
         return SplitResult(error=ChainError(status=HTTPStatus.BAD_REQUEST, message=problem))
     started = time.monotonic()
@@ -181,5 +189,5 @@ async def split_document(request: SplitRequest, counter: TokenCounter, policy: F
     return SplitResult(
         chunks=[text for text, _ in chunks], chunk_tokens=[tokens for _, tokens in chunks],
         document_bytes=size, document_tokens=sum(tokens for _, tokens in chunks),
-        reduce_budget_tokens=budget.reduce_tokens, fetch_s=fetched - started,
-        split_s=time.monotonic() - fetched)
+        max_output_tokens=max_output_tokens, reduce_budget_tokens=budget.reduce_tokens,
+        fetch_s=fetched - started, split_s=time.monotonic() - fetched)
