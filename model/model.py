@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
+from truss_llm.budget import budget_settings
 from truss_llm.engine import Engine
 from truss_llm.errors import baseten_error
 from truss_llm.media.parts import media_policy
@@ -34,7 +35,7 @@ class Model:
             os.environ.setdefault("HF_TOKEN", token)
         settings = resolve_settings(self._config, self._data_dir)
         engine = Engine(settings)
-        surface = OpenAISurface(engine, media_policy(self._config))
+        surface = OpenAISurface(engine, media_policy(self._config), budget_settings(self._config))
         engine.start()
         register_engine_metrics(engine)
         # Publish only a started engine: `loaded` must not be true halfway through a load.

@@ -2,7 +2,9 @@
 
 This module's runner has an API key, one async worker (so queue order is observable), a
 1 s sync timeout and a 1 s async run time: a long generation (480 tokens, n=4) runs past
-both, a short one (4 tokens) stays well inside.
+both, a short one (4 tokens) stays well inside. It does not tell the model its budget
+(`forward_budget` off), as with a model that knows nothing of budgets: so its limits are
+the runner's own, Baseten's last resort (test_budget.py tests the model keeping inside them).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from conftest import (
     stop_server,
     wait_for_status,
 )
-from openai import AuthenticationError, OpenAI
+from openai import APIError, AuthenticationError, OpenAI
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Api-Key {KEY}"}
@@ -37,6 +39,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         tmp_path_factory.mktemp("limited") / "server.log", "--workers", "1",
         "--sync-timeout", "1", api_key=KEY,
         extra_env={"TRUSS_LLM_RUNNER_ASYNC_RUN_TIMEOUT_S": "1",
+                   "TRUSS_LLM_RUNNER_FORWARD_BUDGET": "false",
                    "TRUSS_LLM_RUNNER_WEBHOOK_ATTEMPTS": "2",
                    "TRUSS_LLM_RUNNER_WEBHOOK_BACKOFF_S": "0.1"})
     yield srv
@@ -100,6 +103,24 @@ def test_sync_timeout_is_a_504_and_aborts_the_work(limited: Server, http: httpx.
     while limited.unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert limited.unfinished_requests() == 0
+
+
+def test_sync_timeout_mid_stream_ends_with_an_error_event(limited: Server,
+                                                        http: httpx.Client) -> None:
+    """A stream the 504 cuts short must not look complete: an SSE error, no [DONE]."""
+    body = {**LONG, "n": 1, "max_tokens": 2000, "stream": True}
+    for path in ("/production/predict", "/environments/production/sync/v1/chat/completions"):
+        with http.stream("POST", path, json=body) as response:
+            assert response.status_code == 200
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] != "data: [DONE]"
+        error = json.loads(events[-1][len("data: "):])["error"]
+        assert error["code"] == 504 and "sync timeout" in error["message"]
+    client = OpenAI(base_url=f"{limited.base_url}/environments/production/sync/v1",
+                    api_key=KEY, max_retries=0)
+    with pytest.raises(APIError, match="sync timeout"):
+        for _ in client.chat.completions.create(**{**body, "stream": True}):
+            pass
 
 
 def _rss(server: Server) -> int:

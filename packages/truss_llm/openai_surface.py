@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,9 @@ import pydantic
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request
 
+from truss_llm import budget
+from truss_llm.budget import BudgetSettings, Deadline
+from truss_llm.budget_engine import BudgetedEngineClient
 from truss_llm.cancellation import ClientDisconnected, run_until_disconnected
 from truss_llm.engine import Engine
 from truss_llm.errors import RequestError, baseten_error, error_from_exception, openai_error
@@ -130,17 +134,20 @@ def check_token_limits(body: dict[str, Any]) -> None:
                                f"got {value!r}.", param=field)
 
 
-def _sse(stream: AsyncIterator[str]) -> StreamingResponse:
+def _sse(stream: AsyncIterator[str], headers: dict[str, str]) -> StreamingResponse:
     return StreamingResponse(stream, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+                             headers={"Cache-Control": "no-cache", **headers})
 
 
 class OpenAISurface:
     """Chat and completions endpoints over one engine."""
 
-    def __init__(self, engine: Engine, media_policy: FetchPolicy | None = None) -> None:
+    def __init__(self, engine: Engine, media_policy: FetchPolicy | None = None,
+                 budget_settings: BudgetSettings | None = None) -> None:
         self._engine = engine
         self._media_policy = media_policy or FetchPolicy()
+        self._budget = budget_settings or BudgetSettings()
+        self._budgeted: BudgetedEngineClient | None = None
         self._media: MediaResolver | None = None
         self._chat = None
         self._completion = None
@@ -178,8 +185,11 @@ class OpenAISurface:
             tool_parser=settings.tool_call_parser,
         )
         renderer.warmup()
+        # The serving classes generate through this wrapper, which holds every generation
+        # to its request's deadline (see budget_engine).
+        budgeted = BudgetedEngineClient(client)
         self._chat = OpenAIServingChat(
-            client, models, "assistant",
+            budgeted, models, "assistant",
             online_renderer=renderer,
             request_logger=None,
             chat_template=chat_template,
@@ -189,9 +199,10 @@ class OpenAISurface:
             enable_prompt_tokens_details=True,
         )
         self._completion = OpenAIServingCompletion(
-            client, models, online_renderer=renderer, request_logger=None,
+            budgeted, models, online_renderer=renderer, request_logger=None,
             enable_prompt_tokens_details=True)
         self._models = models
+        self._budgeted = budgeted
         tokenizer = client.renderer.tokenizer
         multimodal = client.model_config.is_multimodal_model
         self._media = MediaResolver(
@@ -224,9 +235,11 @@ class OpenAISurface:
         check_chat_messages(body)
         check_param_types(body, CHAT_PARAM_TYPES)
         check_token_limits(body)
-        body = await self._media.resolve(body)
+        body = await self._media.resolve(body, deadline=self._media_deadline())
         parsed = ChatCompletionRequest.model_validate(body)
-        return await self._chat.create_chat_completion(parsed, request)
+        usage_requested = _ask_for_usage(parsed)
+        result = await self._chat.create_chat_completion(parsed, request)
+        return _finish_stream(result, usage_requested, parsed.n or 1)
 
     async def _create_completion(self, body: dict[str, Any], request: Request):
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -236,7 +249,11 @@ class OpenAISurface:
         check_param_types(body, COMPLETION_PARAM_TYPES)
         check_token_limits(body)
         parsed = CompletionRequest.model_validate(body)
-        return await self._completion.create_completion(parsed, request)
+        usage_requested = _ask_for_usage(parsed)
+        result = await self._completion.create_completion(parsed, request)
+        prompts = len(parsed.prompt) if isinstance(parsed.prompt, list) and parsed.prompt \
+            and not isinstance(parsed.prompt[0], int) else 1
+        return _finish_stream(result, usage_requested, prompts * (parsed.n or 1))
 
     async def _create_for_predict(self, body: dict[str, Any], request: Request):
         if "messages" in body:
@@ -246,31 +263,69 @@ class OpenAISurface:
         raise RequestError("predict takes an OpenAI chat body ({\"messages\": [...]}) or a "
                            "completions body ({\"prompt\": \"...\"}).")
 
+    def _media_deadline(self) -> float:
+        """Media fetching is charged to the request's deadline, within the policy's own."""
+        own = time.monotonic() + self._media_policy.total_timeout_s
+        deadline = budget.current()
+        return own if deadline is None else min(own, deadline.at)
+
     async def _serve(self, request: Request, create, render_error: ErrorRenderer | None
                      ) -> Response:
+        arrived = time.monotonic()
         render_error = render_error or render_openai_error
+        deadline: Deadline | None = None
         try:
+            deadline = budget.deadline_for(request.headers, self._budget, arrived)
             body = await read_json_object(request)
             await self._engine.ensure_ready()
-            # Streams are cancelled by Starlette on disconnect; everything else is raced here.
-            result = await run_until_disconnected(create(body, request), request)
+            # The task that runs `create` copies this context: the engine wrapper finds the
+            # deadline there when vLLM starts the generation.
+            token = budget.enter(deadline)
+            try:
+                # Streams are cancelled by Starlette on disconnect; the rest is raced here.
+                result = await run_until_disconnected(create(body, request), request)
+            finally:
+                budget.leave(token)
         except ClientDisconnected:
             logger.info("client disconnected; engine request aborted")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         except Exception as exc:  # a user's mistake or vLLM's refusal: never a bare 500
             return render_error(error_from_exception(exc))
-        return self._to_response(result, render_error)
+        return self._to_response(result, render_error, deadline)
 
     @staticmethod
-    def _to_response(result: Any, render_error: ErrorRenderer) -> Response:
+    def _to_response(result: Any, render_error: ErrorRenderer, deadline: Deadline | None
+                     ) -> Response:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         if isinstance(result, ErrorResponse):
             info = result.error
             return render_error(RequestError(info.message, info.code, info.param))
         if isinstance(result, pydantic.BaseModel):
-            return JSONResponse(result.model_dump(mode="json"))
-        return _sse(result)
+            body = budget.mark_body(result.model_dump(mode="json"), deadline)
+            return JSONResponse(body, headers=budget.response_headers(deadline, body))
+        return _sse(result, budget.response_headers(deadline))
+
+
+def _ask_for_usage(parsed: Any) -> bool:
+    """Make a stream end with vLLM's usage chunk, which carries the budget marker when the
+    budget ends the stream; returns whether the client asked for it itself."""
+    from vllm.entrypoints.generate.base.protocol import StreamOptions
+
+    options = parsed.stream_options
+    requested = bool(options and options.include_usage)
+    if parsed.stream and not requested:
+        parsed.stream_options = StreamOptions(
+            include_usage=True,
+            continuous_usage_stats=bool(options and options.continuous_usage_stats))
+    return requested
+
+
+def _finish_stream(result: Any, usage_requested: bool, choices: int) -> Any:
+    deadline = budget.current()
+    if deadline is None or not hasattr(result, "__anext__"):
+        return result
+    return budget.finish_stream(result, deadline, usage_requested, choices)
 
 
 def render_openai_error(error: RequestError) -> Response:

@@ -1,4 +1,4 @@
-"""The runner's settings: Baseten's limits as named constants, and what this machine serves.
+"""The runner's settings: Baseten's limits (`truss_llm.limits`), and what this machine serves.
 
 Every limit is overridable (the tests compress them to seconds) from the command line or
 from `TRUSS_LLM_RUNNER_<FIELD>` environment variables.
@@ -12,16 +12,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ENV_PREFIX = "TRUSS_LLM_RUNNER_"
-MB = 1000 * 1000
-KiB = 1024
+from truss_llm.limits import (
+    ASYNC_RUN_TIMEOUT_S,
+    MAX_ASYNC_INPUT_BYTES,
+    MAX_BODY_BYTES,
+    SYNC_TIMEOUT_S,
+    WAKE_TIMEOUT_S,
+)
 
-# Baseten's published limits (docs.baseten.co, "Timeouts" and "Request size").
-MAX_BODY_BYTES = 100 * MB            # the edge answers 413 past this
-MAX_ASYNC_INPUT_BYTES = 256 * KiB    # an async_predict body
-SYNC_TIMEOUT_S = 1200.0              # sync predict, then 504
-WAKE_TIMEOUT_S = 1200.0
-ASYNC_RUN_TIMEOUT_S = 3600.0         # one async attempt's run time
+ENV_PREFIX = "TRUSS_LLM_RUNNER_"
 
 
 class RunnerSettings(BaseModel):
@@ -46,6 +45,10 @@ class RunnerSettings(BaseModel):
     webhook_backoff_s: float = Field(default=1.0, ge=0)
     webhook_timeout_s: float = Field(default=30.0, gt=0)
     scale_to_zero_idle_s: float | None = Field(default=None, gt=0)
+    # Tell the model which budget each request runs under and how much of it is left
+    # (`truss_llm.budget`), so that it answers before our timeout fires. Off, the runner
+    # treats the model as one that knows nothing of budgets: only the 504 remains.
+    forward_budget: bool = True
 
     @property
     def queue_path(self) -> Path:

@@ -23,6 +23,7 @@ import pydantic
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from starlette.responses import JSONResponse, Response
 
+from truss_llm import budget
 from truss_llm.errors import describe_validation_error
 from truss_llm.runner import routes
 from truss_llm.runner.body import BodyTooLarge, ClientGone, read_body, replaying
@@ -46,14 +47,41 @@ SYNC_LATENCY = Histogram("baseten_surface_sync_seconds", "Sync predict and OpenA
                          "to the first response byte.", ["route"])
 
 
-def json_post_scope(path: str, body: bytes, port: int) -> dict:
+def json_post_scope(path: str, body: bytes, port: int,
+                    extra_headers: list[tuple[bytes, bytes]] | None = None) -> dict:
     """The ASGI scope of a local `POST path` with a JSON body, for in-process calls."""
     return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
             "query_string": b"", "root_path": "",
             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode())],
+                        (b"content-length", str(len(body)).encode()),
+                        *(extra_headers or [])],
             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", port)}
+
+
+_BUDGET_HEADERS = (budget.KIND_HEADER.encode(), budget.BUDGET_HEADER.encode())
+
+
+def budget_headers(headers: list[tuple[bytes, bytes]], kind: str, seconds: float
+                   ) -> list[tuple[bytes, bytes]]:
+    """Tell the model which budget a request runs under and how much of it is left (what
+    the client asked for, if shorter): the model then ends its answer in time, before our
+    own timeout has to."""
+    asked = dict(headers).get(_BUDGET_HEADERS[1])
+    try:
+        seconds = min(seconds, float(asked)) if asked is not None else seconds
+    except ValueError:
+        pass  # the model answers a malformed value with a 400 naming it
+    kept = [(name, value) for name, value in headers if name not in _BUDGET_HEADERS]
+    return [*kept, (_BUDGET_HEADERS[0], kind.encode()),
+            (_BUDGET_HEADERS[1], f"{seconds:.3f}".encode())]
+
+
+def sse_error_event(status: int, message: str) -> bytes:
+    """An error in a stream, as vLLM sends one (the OpenAI SDK raises it as an APIError)."""
+    error = {"error": {"message": message, "type": _OPENAI_ERROR_TYPES.get(
+        status, "invalid_request_error"), "param": None, "code": status}}
+    return f"data: {json.dumps(error)}\n\n".encode()
 
 
 def one_body_receive(body: bytes, until: Callable[[], Awaitable[object]]) -> Callable:
@@ -76,9 +104,12 @@ def baseten_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+_OPENAI_ERROR_TYPES = {401: "authentication_error", 404: "not_found_error",
+                       413: "invalid_request_error", 504: "timeout_error"}
+
+
 def openai_error(status: int, message: str) -> JSONResponse:
-    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-            504: "timeout_error"}.get(status, "invalid_request_error")
+    kind = _OPENAI_ERROR_TYPES.get(status, "invalid_request_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": None,
                                    "code": status}}, status_code=status)
 
@@ -191,13 +222,17 @@ class BasetenSurface:
             return
         except ClientGone:
             return
-        inner = {**scope, "path": path, "raw_path": path.encode(), "query_string": b""}
+        inner = {**scope, "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": self._budget_headers(scope["headers"], "sync")}
         started = time.monotonic()
         status: list[int] = []
+        streaming: list[bool] = []
 
         async def send_through(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status.append(message["status"])
+                streaming.append(any(name == b"content-type" and b"event-stream" in value
+                                     for name, value in message.get("headers", ())))
                 SYNC_LATENCY.labels(route).observe(time.monotonic() - started)
             await send(message)
 
@@ -210,22 +245,38 @@ class BasetenSurface:
                 await self._respond(render(503, str(exc)), scope, receive, send, route)
             return
         except TimeoutError:
-            if status:  # already streaming: all we can do is end the response
-                logger.warning("sync request passed %.0f s mid-stream; closing it",
+            if status:  # already answering: end the response, as an error if we can
+                logger.warning("sync request passed %.0f s mid-response; ending it",
                                self.settings.sync_timeout_s)
+                # An SSE error event, not a clean close: a client must not take a stream
+                # cut short for a complete answer. (The model's own budget should have
+                # ended it first; this is the last resort.)
+                last = sse_error_event(504, self._timeout_message()) if streaming[0] else b""
                 with contextlib.suppress(Exception):
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    await send({"type": "http.response.body", "body": last,
+                                "more_body": False})
                 return
-            await self._respond(render(504, f"The request did not finish within the "
-                                            f"{self.settings.sync_timeout_s:.0f} s sync "
-                                            "timeout. Use async_predict for long work."),
-                                scope, receive, send, route)
+            await self._respond(render(504, self._timeout_message()), scope, receive, send,
+                                route)
             return
         REQUESTS.labels(route, str(status[0] if status else 0)).inc()
 
+    def _budget_headers(self, headers: list[tuple[bytes, bytes]], kind: str
+                        ) -> list[tuple[bytes, bytes]]:
+        if not self.settings.forward_budget:
+            return headers
+        seconds = self.settings.sync_timeout_s if kind == "sync" else \
+            self.settings.async_run_timeout_s
+        return budget_headers(headers, kind, seconds)
+
+    def _timeout_message(self) -> str:
+        return (f"The request did not finish within the {self.settings.sync_timeout_s:g} s "
+                "sync timeout. Use async_predict for long work.")
+
     async def _call_model(self, model_input: bytes) -> tuple[int, bytes]:
         """Run one async job through the truss predict route, in-process."""
-        scope = json_post_scope(TRUSS_PREDICT, model_input, self.settings.port)
+        scope = json_post_scope(TRUSS_PREDICT, model_input, self.settings.port,
+                                self._budget_headers([], "async"))
         done = asyncio.Event()
         status = 0
         chunks: list[bytes] = []
