@@ -27,6 +27,7 @@ Writes benchmarks/results/chain_bench.json and chain_bench.png.
 import argparse
 import asyncio
 import json
+import logging
 import os
 import random
 import sys
@@ -46,6 +47,8 @@ from conftest import LOOPBACK_MEDIA, free_port, start_server, stop_server  # noq
 from moto.server import ThreadedMotoServer  # noqa: E402
 
 matplotlib.use("Agg")
+# moto's HTTP server logs every request line at INFO, pre-signed query strings included.
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
 import matplotlib.pyplot as plt  # noqa: E402
 
 MB = 1_000_000

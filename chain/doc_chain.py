@@ -62,7 +62,8 @@ TOKENIZER_ASSETS = chains.Assets(weights=[WeightsSource(
 OPTIONS = chains.ChainletOptions(env_variables={MODEL_URL_ENV: MODEL_URL} if MODEL_URL else {})
 
 
-def _config(cpu: int, memory: str, assets: chains.Assets | None = None) -> chains.RemoteConfig:
+def chainlet_config(cpu: int, memory: str, assets: chains.Assets | None = None
+                    ) -> chains.RemoteConfig:
     return chains.RemoteConfig(
         docker_image=IMAGE, options=OPTIONS, assets=assets or chains.Assets(),
         compute=chains.Compute(cpu_count=cpu, memory=memory,
@@ -75,7 +76,7 @@ class ChatModel(chains.TrussChainlet):
     truss_dir = ".."
 
 
-def _url_endpoint(settings: ChainSettings, context: chains.DeploymentContext) -> ChatEndpoint:
+def url_endpoint(settings: ChainSettings, context: chains.DeploymentContext) -> ChatEndpoint:
     """An existing deployment: its OpenAI base URL, with the chain's Baseten API key."""
     assert settings.model_url is not None, f"{MODEL_URL_ENV} is not set"
     api_key = settings.api_key or os.environ.get(API_KEY_ENV)
@@ -90,7 +91,7 @@ def _url_endpoint(settings: ChainSettings, context: chains.DeploymentContext) ->
 class Splitter(chains.ChainletBase):
     """Fetches the document (or takes the inline text) and cuts it into chunks that fit."""
 
-    remote_config = _config(cpu=2, memory="4Gi", assets=TOKENIZER_ASSETS)
+    remote_config = chainlet_config(cpu=2, memory="4Gi", assets=TOKENIZER_ASSETS)
 
     def __init__(self) -> None:
         self._settings = chain_settings()
@@ -106,7 +107,7 @@ class Splitter(chains.ChainletBase):
 class Mapper(chains.ChainletBase):
     """Calls the model once per chunk, a bounded number at a time."""
 
-    remote_config = _config(cpu=1, memory="2Gi")
+    remote_config = chainlet_config(cpu=1, memory="2Gi")
 
     if MODEL_URL is None:
         def __init__(self, model: TrussHandle = chains.depends(ChatModel),
@@ -115,7 +116,7 @@ class Mapper(chains.ChainletBase):
     else:
         def __init__(self,
                      context: chains.DeploymentContext = chains.depends_context()) -> None:
-            self._endpoint = _url_endpoint(chain_settings(), context)
+            self._endpoint = url_endpoint(chain_settings(), context)
 
     async def run_remote(self, request: MapRequest) -> MapResult:
         async with new_client(request.concurrency) as client:
@@ -125,7 +126,7 @@ class Mapper(chains.ChainletBase):
 class Reducer(chains.ChainletBase):
     """Merges partial answers, as many per call as the context holds, until one is left."""
 
-    remote_config = _config(cpu=1, memory="2Gi", assets=TOKENIZER_ASSETS)
+    remote_config = chainlet_config(cpu=1, memory="2Gi", assets=TOKENIZER_ASSETS)
 
     if MODEL_URL is None:
         def __init__(self, model: TrussHandle = chains.depends(ChatModel),
@@ -137,7 +138,7 @@ class Reducer(chains.ChainletBase):
         def __init__(self,
                      context: chains.DeploymentContext = chains.depends_context()) -> None:
             settings = chain_settings()
-            self._endpoint = _url_endpoint(settings, context)
+            self._endpoint = url_endpoint(settings, context)
             self._counter = TokenCounter(settings.tokenizer_file)
 
     async def run_remote(self, request: ReduceRequest) -> ReduceResult:
@@ -155,7 +156,7 @@ def http_error(failure: ChainFailure) -> fastapi.HTTPException:
 class DocumentQA(chains.ChainletBase):
     """Summarise a document, or answer a question about it, whatever its length."""
 
-    remote_config = _config(cpu=1, memory="2Gi")
+    remote_config = chainlet_config(cpu=1, memory="2Gi")
 
     def __init__(self, splitter: Splitter = chains.depends(Splitter, **RPC_OPTIONS),
                  mapper: Mapper = chains.depends(Mapper, **RPC_OPTIONS),

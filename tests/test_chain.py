@@ -13,6 +13,7 @@ import datetime
 import http.server
 import itertools
 import json
+import logging
 import os
 import random
 import subprocess
@@ -35,6 +36,7 @@ from fastapi import HTTPException
 sys.path.insert(0, str(REPO / "chain"))
 
 import doc_chain
+import doc_chain_stream
 from doc_llm import LocalModel
 from doc_mapreduce import _groups
 from doc_prompts import TOKENS_PER_PARTIAL, Budget, TokenCounter
@@ -50,6 +52,8 @@ FAST = {"max_output_tokens": 8, "map_concurrency": 32}
 QUESTION = "Which deployment?"
 MARKER_500 = "POISONFIVEHUNDRED"
 MARKER_400 = "POISONFOURHUNDRED"
+# moto's HTTP server logs every request line at INFO, pre-signed query strings included.
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
 def make_document(size: int, seed: int = 7, marker_at: dict[int, str] | None = None) -> str:
@@ -75,6 +79,20 @@ def run_local(request: ChainRequest, model_base: str) -> ChainResult:
         entry = doc_chain.DocumentQA(mapper=doc_chain.Mapper(model=model),
                                      reducer=doc_chain.Reducer(model=model))
         return asyncio.run(entry.run_remote(request))
+
+
+def run_local_streamed(request: ChainRequest, model_base: str) -> list[str]:
+    """The streaming entrypoint under run_local: a plain async generator of text."""
+
+    async def collect(stream: Any) -> list[str]:
+        return [piece async for piece in stream]
+
+    with chains.run_local():
+        model = LocalModel(model_base)
+        entry = doc_chain_stream.DocumentQAStream(mapper=doc_chain.Mapper(model=model),
+                                                  reducer=doc_chain.Reducer(model=model),
+                                                  model=model)
+        return asyncio.run(collect(entry.run_remote(request)))
 
 
 def engine_requests(server: Server) -> float:
@@ -197,6 +215,18 @@ def test_deterministic_at_temperature_zero(server: Server, model_base: str) -> N
     assert first.reduce_depth >= 2
     assert (first.answer, first.partial_results, first.reduce_levels) == \
         (second.answer, second.partial_results, second.reduce_levels)
+
+
+def test_streamed_answer_is_the_answer(server: Server, model_base: str) -> None:
+    request = ChainRequest(text=make_document(48 * 1024, seed=4), question=QUESTION,
+                           options=ChainOptions(max_output_tokens=16, map_concurrency=32))
+    result = run_local(request, model_base)
+    pieces = run_local_streamed(request, model_base)
+    assert result.reduce_depth >= 1 and len(pieces) > 1
+    assert "".join(pieces) == result.answer
+    # One chunk: its map answer is the answer, streamed in one piece.
+    single = ChainRequest(text="A short deployment note.", options=ChainOptions(**FAST))
+    assert run_local_streamed(single, model_base) == [run_local(single, model_base).answer]
 
 
 def test_request_and_result_survive_json() -> None:
@@ -376,14 +406,15 @@ print("LOADED", type(model._chainlet).__name__)
 """
 
 
-def push_dryrun(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Path:
+def push_dryrun(tmp_path: Path, extra_env: dict[str, str] | None = None,
+                entry: str = "chain/doc_chain.py", chain: str = "doc-map-reduce") -> Path:
     env = {**os.environ, "TMPDIR": str(tmp_path), "TRUSS_NO_UPDATE_CHECK": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            **(extra_env or {})}
-    done = subprocess.run(["truss", "chains", "push", "--dryrun", "chain/doc_chain.py"],
+    done = subprocess.run(["truss", "chains", "push", "--dryrun", entry],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    return tmp_path / ".chains_generated" / "doc-map-reduce"
+    return tmp_path / ".chains_generated" / chain
 
 
 def test_push_dryrun_generates_chainlets_that_load(tmp_path: Path) -> None:
@@ -416,6 +447,16 @@ def test_push_dryrun_generates_chainlets_that_load(tmp_path: Path) -> None:
             cwd=tmp_path)
         assert done.returncode == 0 and f"LOADED {chainlet}" in done.stdout, \
             done.stdout + done.stderr[-3000:]
+
+
+def test_push_dryrun_of_the_streaming_chain(tmp_path: Path) -> None:
+    generated = push_dryrun(tmp_path, entry="chain/doc_chain_stream.py",
+                            chain="doc-map-reduce-stream")
+    names = sorted(p.name for p in generated.iterdir())
+    assert names == ["chainlet_ChatModel", "chainlet_DocumentQAStream", "chainlet_Mapper",
+                     "chainlet_Reducer", "chainlet_Splitter"]
+    model_py = (generated / "chainlet_DocumentQAStream" / "model" / "model.py").read_text()
+    assert "async for chunk in result" in model_py  # truss streams what run_remote yields
 
 
 def test_push_dryrun_against_an_existing_deployment(tmp_path: Path) -> None:
