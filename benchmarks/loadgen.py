@@ -49,7 +49,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 CHAT_PATH = "/chat/completions"
-PERCENTILES = (50, 90, 99)
+PERCENTILES = (50, 90, 95, 99)
 DEFAULT_CONCURRENCY = (1, 16, 64)
 DEFAULT_PROMPT_TOKENS = 64
 DEFAULT_MAX_TOKENS = 128
@@ -167,6 +167,11 @@ class PromptFactory:
         if stream:
             body["stream_options"] = {"include_usage": True}
         return body
+
+    @classmethod
+    def short_sentences(cls) -> PromptFactory:
+        """For workloads with `prompt_tokens=None`: no calibration needed."""
+        return cls(CANDIDATE_WORDS, 0, 1.0, exact=False)
 
     @classmethod
     async def calibrate(cls, client: httpx.AsyncClient, target: Target, seed: int = 0
@@ -490,8 +495,8 @@ def plot_sweeps(sweeps: dict[str, list[dict[str, Any]]], path: Path, title: str)
     plt.close(fig)
 
 
-def add_target_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base-url", required=True,
+def add_target_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--base-url", required=required,
                         help="OpenAI base URL, e.g. http://127.0.0.1:8080/v1 or "
                              "https://model-<id>.api.baseten.co/environments/production/sync/v1")
     parser.add_argument("--api-key", default=os.environ.get("BASETEN_API_KEY")

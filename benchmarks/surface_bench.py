@@ -1,7 +1,8 @@
 """What Baseten's endpoint surface costs in front of the truss server, over real HTTP.
 
 Starts `truss-llm serve` (the real truss server, the vLLM CPU engine, the tiny model) on
-127.0.0.1, one server at a time, and drives it with an httpx async client from this process:
+127.0.0.1, one server at a time, and drives it from this process: the streaming load with
+the shared harness (loadgen.py), the async queue with its own httpx client:
 
 1. Surface overhead. Streaming chat completions (stream_options.include_usage, max_tokens
    128, ignore_eos, temperature 0) at concurrency 1, 16 and, when the time estimate allows,
@@ -61,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import loadgen
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,63 +331,27 @@ def chat_body(i: int, max_tokens: int, stream: bool) -> dict[str, Any]:
     return body
 
 
-@dataclass
-class StreamResult:
-    ok: bool
-    tokens: int = 0
-    ttft: float | None = None
-    latency: float = 0.0
-    error: str | None = None
-
-
-async def stream_chat(client: httpx.AsyncClient, path: str, payload: bytes) -> StreamResult:
-    started = now()
-    ttft = None
-    tokens = 0
-    try:
-        async with client.stream("POST", path, content=payload,
-                                 headers={"content-type": "application/json"}) as response:
-            if response.status_code != 200:
-                text = (await response.aread())[:300].decode(errors="replace")
-                return StreamResult(False, error=f"HTTP {response.status_code}: {text}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                # Parse only what we need: the first content token, then the usage chunk.
-                if ttft is None and '"content":' in line:
-                    chunk = json.loads(line[6:])
-                    choices = chunk.get("choices") or []
-                    if choices and (choices[0].get("delta") or {}).get("content"):
-                        ttft = now() - started
-                if '"completion_tokens"' in line:
-                    usage = json.loads(line[6:]).get("usage") or {}
-                    tokens = usage.get("completion_tokens", 0)
-    except httpx.HTTPError as exc:
-        return StreamResult(False, error=f"{type(exc).__name__}: {exc}")
-    return StreamResult(tokens > 0, tokens, ttft, now() - started,
-                        None if tokens > 0 else "no usage chunk")
+# The streaming load itself is the shared harness's (loadgen.py): the same requests, the
+# same TTFT and usage parsing, the same closed-loop streams as every other benchmark here.
+STREAM_WORKLOAD = loadgen.Workload(prompt_tokens=None, max_tokens=STREAM_MAX_TOKENS)
+SHORT_PROMPTS = loadgen.PromptFactory.short_sentences()
 
 
 async def stream_batch(client: httpx.AsyncClient, path: str, concurrency: int, n: int,
                        seed: int) -> dict[str, Any]:
-    payloads = [json.dumps(chat_body(seed + i, STREAM_MAX_TOKENS, True)).encode()
-                for i in range(n)]
-    results: list[StreamResult] = []
-
-    async def one(i: int) -> None:
-        results.append(await stream_chat(client, path, payloads[i]))
-
-    wall = await run_pool(n, concurrency, one)
-    good = [r for r in results if r.ok]
-    tokens = sum(r.tokens for r in good)
-    ttfts = [r.ttft for r in good if r.ttft is not None]
-    latencies = [r.latency for r in good]
-    errors = [r.error for r in results if not r.ok]
-    return {"requests": n, "ok": len(good), "errors": len(errors),
-            "first_error": errors[0] if errors else None, "wall_s": rnd(wall),
-            "output_tokens": tokens, "tokens_per_s": rnd(tokens / wall, 1),
-            "ttft_p50_s": rnd(pct(ttfts, 50), 4), "ttft_p95_s": rnd(pct(ttfts, 95), 4),
-            "latency_p50_s": rnd(pct(latencies, 50), 4)}
+    """`n` streaming chats on `path` (an OpenAI chat route), `concurrency` at a time."""
+    base = str(client.base_url).rstrip("/") + path.removesuffix(loadgen.CHAT_PATH)
+    target = loadgen.Target(path, base, model=MODEL)
+    level = await loadgen.run_level(client, target, SHORT_PROMPTS, STREAM_WORKLOAD,
+                                    concurrency, n, seed, warmup=False)
+    ttft = level["ttft_s"]
+    return {"requests": n, "ok": level["ok"], "errors": level["errors"],
+            "first_error": level["first_error"], "wall_s": rnd(level["wall_s"]),
+            "output_tokens": level["output_tokens"],
+            "tokens_per_s": rnd(level["output_tokens_per_s"], 1),
+            "ttft_p50_s": rnd(ttft["p50"], 4), "ttft_p95_s": rnd(ttft["p95"], 4),
+            "latency_p50_s": rnd(level["e2e_s"]["p50"], 4),
+            "tpot_p50_s": rnd(level["tpot_s"]["p50"], 5)}
 
 
 async def surface_overhead(server: Server, levels: list[int], rounds: int,
