@@ -33,6 +33,8 @@ CONNECT_TIMEOUT_S = 10.0
 # deadline cuts it shorter. Generous: a long prompt's prefill on a busy GPU takes minutes.
 ATTEMPT_TIMEOUT_S = 300.0
 ERROR_TEXT_CHARS = 300
+# A timeout this close to the run's deadline was the deadline's doing, not the model's.
+DEADLINE_SLACK_S = 0.05
 CHAT_PATH = "v1/chat/completions"
 DEADLINE = "deadline"
 
@@ -131,6 +133,14 @@ def _remaining(deadline: float) -> float:
     return deadline - time.monotonic()
 
 
+def _answer(payload: dict[str, Any], attempt: int, retries: int) -> Answer:
+    usage = payload.get("usage") or {}
+    return Answer(text=payload["choices"][0]["message"].get("content") or "", attempts=attempt,
+                  usage=Usage(model_calls=attempt, retries=retries,
+                              prompt_tokens=usage.get("prompt_tokens", 0),
+                              completion_tokens=usage.get("completion_tokens", 0)))
+
+
 async def chat(client: httpx.AsyncClient, endpoint: ChatEndpoint, messages: Messages,
                options: CallOptions, deadline: float) -> Answer:
     """One chat completion, retried on transient failures; `deadline` is monotonic.
@@ -151,26 +161,26 @@ async def chat(client: httpx.AsyncClient, endpoint: ChatEndpoint, messages: Mess
                                          timeout=httpx.Timeout(timeout, connect=min(
                                              CONNECT_TIMEOUT_S, timeout)))
         except httpx.TimeoutException:
-            reason = f"timeout after {timeout:.0f} s"
+            if _remaining(deadline) <= DEADLINE_SLACK_S:  # cut short by the run's deadline
+                raise CallFailed(DEADLINE, attempt) from None
+            reason = f"timeout after {timeout:.1f} s"
             status = None
         except httpx.TransportError as exc:
             reason = f"connection failed ({type(exc).__name__})"
             status = None
         else:
-            if response.status_code == 200:
-                payload = response.json()
-                usage = payload.get("usage") or {}
-                return Answer(
-                    text=payload["choices"][0]["message"].get("content") or "",
-                    attempts=attempt,
-                    usage=Usage(model_calls=attempt, retries=retries,
-                                prompt_tokens=usage.get("prompt_tokens", 0),
-                                completion_tokens=usage.get("completion_tokens", 0)))
             status = response.status_code
-            reason = f"http {status}: {_error_text(response)}"
-            if status not in RETRYABLE_STATUSES:
-                raise CallFailed(reason, attempt, status)
-            wait = _retry_after(response)
+            if status == 200:
+                try:
+                    return _answer(response.json(), attempt, retries)
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                    # A proxy's error page or a cut-off body: worth another try.
+                    reason = "http 200 without a chat completion in its body"
+            else:
+                reason = f"http {status}: {_error_text(response)}"
+                if status not in RETRYABLE_STATUSES:
+                    raise CallFailed(reason, attempt, status)
+                wait = _retry_after(response)
         if attempt == options.max_attempts:
             raise CallFailed(reason, attempt, status)
         wait = wait if wait is not None else _backoff_s(attempt)
