@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/chain_bench.py     # about 15 minutes on 2 busy cores
 
-One run, one repetition of each setting (the 16 MB runs alone make ~2,000 model calls; more
-repetitions did not fit the machine's time), the settings of one size back to back in
-rotating order so that drift in the machine's load does not favour one of them:
+Rounds of every setting back to back, in rotated order, so that drift in the machine's load
+does not favour one of them: three rounds for 1 MB, two for 4 MB, one for 16 MB (its four
+runs make ~9,000 model calls; more rounds did not fit the time). Medians are reported;
+speed-ups are the median of ratios paired within a round:
 
 * `sequential`: the chunks the chain's splitter makes, mapped by one loop that awaits one
   chat call after another (the same prompts, the same client code): what a script without
@@ -30,6 +31,7 @@ import json
 import logging
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -59,6 +61,11 @@ CONCURRENCIES = (1, 4, 16)
 CONTEXT_TOKENS = 1024
 KV_CACHE_BYTES = 128 * 1024 * 1024  # 16 requests of 1,024 tokens, with room to spare
 WARMUP_CALLS = 4
+# Rounds per size, each running every setting once in rotated order; medians are reported
+# and speed-ups are paired within a round. The machine is shared: its load swings by several
+# times within minutes, so one run of each setting is not enough where there is time for more.
+ROUNDS = {1: 3, 4: 2, 16: 1}
+STAGES = ("fetch_s", "split_s", "map_s", "reduce_s", "total_s")
 MAX_OUTPUT_TOKENS = 8
 QUESTION = "Which deployment?"
 BUCKET = "chain-bench"
@@ -131,32 +138,50 @@ def run_chain(url: str, concurrency: int, model_base: str) -> dict[str, Any]:
             **{k: round(v, 3) for k, v in result.timings.model_dump().items()}}
 
 
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
 def measure(sizes: tuple[int, ...], model_base: str, s3: Any) -> list[dict[str, Any]]:
     rows = []
-    for n, size_mb in enumerate(sizes):
+    for size_mb in sizes:
         document = make_document(size_mb * MB, seed=size_mb)
         s3.put_object(Bucket=BUCKET, Key=f"doc-{size_mb}mb.txt", Body=document)
         url = s3.generate_presigned_url("get_object", ExpiresIn=7200, Params={
             "Bucket": BUCKET, "Key": f"doc-{size_mb}mb.txt"})
         chunks = split_like_the_chain(document)
         settings: list[Any] = ["sequential", *CONCURRENCIES]
-        shift = n % len(settings)
-        row: dict[str, Any] = {"size_mb": size_mb, "bytes": len(document),
-                               "chunks": len(chunks), "chain": {}}
-        for setting in settings[shift:] + settings[:shift]:
-            if setting == "sequential":
-                row["sequential_s"] = round(asyncio.run(sequential(chunks, model_base)), 3)
-                print(f"{size_mb} MB sequential: {row['sequential_s']} s", flush=True)
-                continue
-            timing = run_chain(url, setting, model_base)
-            assert timing["chunks"] == len(chunks), (timing["chunks"], len(chunks))
-            row["chain"][str(setting)] = timing
-            print(f"{size_mb} MB chain c={setting}: {timing}", flush=True)
-        for timing in row["chain"].values():
-            timing["speedup_map"] = round(row["sequential_s"] / timing["map_s"], 2)
-            timing["speedup_total"] = round(row["sequential_s"] / timing["total_s"], 2)
-            timing["chunks_per_s"] = round(len(chunks) / timing["map_s"], 2)
-        row["sequential_chunks_per_s"] = round(len(chunks) / row["sequential_s"], 2)
+        sequential_s: list[float] = []
+        runs: dict[int, list[dict[str, Any]]] = {c: [] for c in CONCURRENCIES}
+        for round_ in range(ROUNDS.get(size_mb, 1)):
+            shift = round_ % len(settings)
+            for setting in settings[shift:] + settings[:shift]:
+                if setting == "sequential":
+                    sequential_s.append(round(asyncio.run(sequential(chunks, model_base)), 3))
+                    print(f"{size_mb} MB round {round_} sequential: {sequential_s[-1]} s",
+                          flush=True)
+                    continue
+                timing = run_chain(url, setting, model_base)
+                assert timing["chunks"] == len(chunks), (timing["chunks"], len(chunks))
+                runs[setting].append(timing)
+                print(f"{size_mb} MB round {round_} chain c={setting}: {timing}", flush=True)
+        row: dict[str, Any] = {"size_mb": size_mb, "bytes": len(document), "chunks": len(chunks),
+                               "rounds": len(sequential_s), "sequential_runs_s": sequential_s,
+                               "sequential_s": median(sequential_s),
+                               "sequential_chunks_per_s": round(
+                                   len(chunks) / median(sequential_s), 2), "chain": {}}
+        for concurrency, timings in runs.items():
+            summary = {stage: median([t[stage] for t in timings]) for stage in STAGES}
+            # Paired within a round (the same minutes of machine load), then the median.
+            summary["speedup_map"] = median([seq / t["map_s"] for seq, t in
+                                             zip(sequential_s, timings, strict=True)])
+            summary["speedup_total"] = median([seq / t["total_s"] for seq, t in
+                                               zip(sequential_s, timings, strict=True)])
+            summary["chunks_per_s"] = round(len(chunks) / summary["map_s"], 2)
+            summary["reduce_levels"] = timings[0]["reduce_levels"]
+            summary["model_calls"] = timings[0]["model_calls"]
+            summary["runs"] = timings
+            row["chain"][str(concurrency)] = summary
         rows.append(row)
     return rows
 
@@ -225,7 +250,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"command": "python benchmarks/chain_bench.py " + " ".join(sys.argv[1:]),
               "context_tokens": CONTEXT_TOKENS, "max_output_tokens": MAX_OUTPUT_TOKENS,
-              "concurrencies": list(CONCURRENCIES), "repetitions": 1,
+              "concurrencies": list(CONCURRENCIES), "rounds": ROUNDS,
               "load_average_at_end": os.getloadavg(), "elapsed_s": round(elapsed, 1),
               "rows": rows}
     (RESULTS / "chain_bench.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -59,13 +59,18 @@ TOKENIZER_ASSETS = chains.Assets(weights=[WeightsSource(
     source=DEPLOYED_WEIGHTS_SOURCE, mount_location=DEPLOYED_TOKENIZER_DIR,
     allow_patterns=TOKENIZER_FILES, auth_secret_name="hf_access_token")])
 # With an existing deployment, the chainlets learn its URL from their environment.
-OPTIONS = chains.ChainletOptions(env_variables={MODEL_URL_ENV: MODEL_URL} if MODEL_URL else {})
+ENVIRONMENT = {MODEL_URL_ENV: MODEL_URL} if MODEL_URL else {}
+# Truss's default longest silence in a stream, in seconds.
+STREAMING_READ_TIMEOUT_S = 60
 
 
-def chainlet_config(cpu: int, memory: str, assets: chains.Assets | None = None
+def chainlet_config(cpu: int, memory: str, assets: chains.Assets | None = None,
+                    streaming_read_timeout_s: int = STREAMING_READ_TIMEOUT_S
                     ) -> chains.RemoteConfig:
+    options = chains.ChainletOptions(env_variables=ENVIRONMENT,
+                                     streaming_read_timeout=streaming_read_timeout_s)
     return chains.RemoteConfig(
-        docker_image=IMAGE, options=OPTIONS, assets=assets or chains.Assets(),
+        docker_image=IMAGE, options=options, assets=assets or chains.Assets(),
         compute=chains.Compute(cpu_count=cpu, memory=memory,
                                predict_concurrency=PREDICT_CONCURRENCY))
 

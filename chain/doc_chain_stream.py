@@ -23,7 +23,7 @@ from doc_chain import (
     http_error,
     url_endpoint,
 )
-from doc_config import MODEL_URL, chain_settings
+from doc_config import MODEL_URL, SYNC_BUDGET_S, chain_settings
 from doc_llm import ChatEndpoint, new_client, stream_chat
 from doc_pipeline import ChainFailure, reduce_request, split_and_map
 from doc_schemas import ChainRequest, ReduceResult
@@ -34,7 +34,10 @@ from truss_chains.remote_chainlet.truss_chainlet import TrussHandle
 class DocumentQAStream(chains.ChainletBase):
     """Summarise a document, or answer a question about it, streaming the answer."""
 
-    remote_config = chainlet_config(cpu=1, memory="2Gi")
+    # The first byte comes only after the split, the map and the reduce: the stream may be
+    # silent that long (a sync request's whole budget), not truss's default 60 s.
+    remote_config = chainlet_config(cpu=1, memory="2Gi",
+                                    streaming_read_timeout_s=int(SYNC_BUDGET_S))
 
     if MODEL_URL is None:
         def __init__(self, splitter: Splitter = chains.depends(Splitter, **RPC_OPTIONS),

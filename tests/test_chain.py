@@ -457,6 +457,8 @@ def test_push_dryrun_of_the_streaming_chain(tmp_path: Path) -> None:
                      "chainlet_Reducer", "chainlet_Splitter"]
     model_py = (generated / "chainlet_DocumentQAStream" / "model" / "model.py").read_text()
     assert "async for chunk in result" in model_py  # truss streams what run_remote yields
+    config = (generated / "chainlet_DocumentQAStream" / "config.yaml").read_text()
+    assert "streaming_read_timeout: 1200" in config  # silent until the map and reduce end
 
 
 def test_push_dryrun_against_an_existing_deployment(tmp_path: Path) -> None:
