@@ -108,7 +108,7 @@ def test_sync_timeout_is_a_504_and_aborts_the_work(limited: Server, http: httpx.
 def test_sync_timeout_mid_stream_ends_with_an_error_event(limited: Server,
                                                         http: httpx.Client) -> None:
     """A stream the 504 cuts short must not look complete: an SSE error, no [DONE]."""
-    body = {**LONG, "n": 1, "max_tokens": 2000, "stream": True}
+    body = {**LONG, "n": 12, "stream": True}  # ~6,000 tokens: seconds on this machine
     for path in ("/production/predict", "/environments/production/sync/v1/chat/completions"):
         with http.stream("POST", path, json=body) as response:
             assert response.status_code == 200
@@ -119,7 +119,9 @@ def test_sync_timeout_mid_stream_ends_with_an_error_event(limited: Server,
     client = OpenAI(base_url=f"{limited.base_url}/environments/production/sync/v1",
                     api_key=KEY, max_retries=0)
     with pytest.raises(APIError, match="sync timeout"):
-        for _ in client.chat.completions.create(**{**body, "stream": True}):
+        for _ in client.chat.completions.create(
+                model=MODEL_NAME, messages=LONG["messages"], max_tokens=LONG["max_tokens"],
+                n=body["n"], temperature=1.0, stream=True, extra_body={"ignore_eos": True}):
             pass
 
 

@@ -54,19 +54,16 @@ class SpeedTracker:
             self.ttft_s = self._mix(self.ttft_s, ttft_s)
         self.tpot_s = self._mix(self.tpot_s, tpot_s)
 
-    def observe_output(self, out: Any, started: float, first: float, finished: float,
-                       tokens: int, outputs: int) -> None:
-        """Learn from a finished generation: from the engine's own timestamps where it
-        keeps them (the default), else from when its outputs arrived here."""
+    def observe_output(self, out: Any) -> None:
+        """Learn from a finished generation, by the engine's own timestamps: they tell
+        queueing and prefill (time to first token) from decoding, streamed or not. An
+        engine run with `disable_log_stats` keeps none: nothing is learnt, nothing is
+        clamped, and the abort at the deadline still holds."""
         stats = getattr(out, "metrics", None)
         generated = getattr(stats, "num_generation_tokens", 0)
         if generated >= 2 and stats.last_token_ts > stats.first_token_ts:
             self.observe(stats.first_token_latency,
                          (stats.last_token_ts - stats.first_token_ts) / (generated - 1))
-        elif tokens >= 2 and outputs >= 2:  # streamed: the first output came with a token
-            self.observe(first - started, (finished - first) / (tokens - 1))
-        # One final output and no engine timestamps: queueing and decoding can't be told
-        # apart, and a guess would teach the tracker the wrong speed.
 
     def seconds_for(self, max_tokens: int) -> float | None:
         if self.tpot_s is None:
@@ -134,21 +131,14 @@ class BudgetedEngineClient:
 
     async def _bounded(self, outputs: AsyncIterator[Any], request_id: str,
                        deadline: Deadline) -> AsyncIterator[Any]:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        timer = loop.call_at(deadline.at, self._expire, request_id, deadline)
-        first: float | None = None
-        tokens = count = 0
+        # One timer a request, nothing per token: this sits on every stream's hot path.
+        timer = asyncio.get_running_loop().call_at(deadline.at, self._expire, request_id,
+                                                   deadline)
         try:
             async for out in outputs:
-                now = loop.time()
-                first = now if first is None else first
-                count += 1
-                for completion in out.outputs:
-                    tokens += len(completion.token_ids)
                 if out.finished:
                     self._finish(out, deadline)
-                    self.speed.observe_output(out, started, first, now, tokens, count)
+                    self.speed.observe_output(out)
                 yield out
         finally:
             timer.cancel()

@@ -147,7 +147,6 @@ class OpenAISurface:
         self._engine = engine
         self._media_policy = media_policy or FetchPolicy()
         self._budget = budget_settings or BudgetSettings()
-        self._budgeted: BudgetedEngineClient | None = None
         self._media: MediaResolver | None = None
         self._chat = None
         self._completion = None
@@ -202,7 +201,6 @@ class OpenAISurface:
             budgeted, models, online_renderer=renderer, request_logger=None,
             enable_prompt_tokens_details=True)
         self._models = models
-        self._budgeted = budgeted
         tokenizer = client.renderer.tokenizer
         multimodal = client.model_config.is_multimodal_model
         self._media = MediaResolver(
