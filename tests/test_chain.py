@@ -426,6 +426,17 @@ def test_push_dryrun_generates_chainlets_that_load(tmp_path: Path) -> None:
     model_dir = generated / "chainlet_ChatModel"
     assert (model_dir / "model" / "model.py").read_text() == \
         (REPO / "model" / "model.py").read_text()
+    # It imports from its own bundle; its load() starts vLLM, which the session's runner
+    # already shows working, so it is not started a second time here.
+    imports = subprocess.run(
+        [sys.executable, "-c", "import importlib.util, sys; sys.path.insert(0, sys.argv[1]); "
+         "spec = importlib.util.spec_from_file_location('model', sys.argv[2]); "
+         "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+         "print('IMPORTED', module.Model.__name__)",
+         str(model_dir / "packages"), str(model_dir / "model" / "model.py")],
+        env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path)
+    assert "IMPORTED Model" in imports.stdout, imports.stderr[-3000:]
     dynamic = tmp_path / "dynamic"
     dynamic.mkdir()
     services = {name: {"predict_url": f"https://chain-x.api.baseten.co/{name}/run_remote"}
