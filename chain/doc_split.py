@@ -36,7 +36,7 @@ PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n\s*")
 SENTENCE_END = re.compile(r"(?<=[.!?。])\s+")
 PARAGRAPH_JOIN = "\n\n"
 SENTENCE_JOIN = " "
-BINARY_SAMPLE_BYTES = 8192
+BINARY_SAMPLE_BYTES = 8192  # a NUL byte this early means binary (git judges files so)
 
 
 class DocumentError(Exception):
