@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/chain_bench.py     # about 15 minutes on 2 busy cores
 
 Rounds of every setting back to back, in rotated order, so that drift in the machine's load
-does not favour one of them: three rounds for 1 MB, two for 4 MB, one for 16 MB (its four
-runs make ~9,000 model calls; more rounds did not fit the time). Medians are reported;
-speed-ups are the median of ratios paired within a round:
+does not favour one of them: three rounds for 1 MB, one for 4 MB and one for 16 MB (the 16
+MB round alone makes ~9,000 model calls, ~35 minutes on the busy machine; more rounds did
+not fit the time). Medians are reported; speed-ups are the median of ratios paired within
+a round. Results are written after each size, so an interrupted run keeps what it measured:
 
 * `sequential`: the chunks the chain's splitter makes, mapped by one loop that awaits one
   chat call after another (the same prompts, the same client code): what a script without
@@ -35,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +66,7 @@ WARMUP_CALLS = 4
 # Rounds per size, each running every setting once in rotated order; medians are reported
 # and speed-ups are paired within a round. The machine is shared: its load swings by several
 # times within minutes, so one run of each setting is not enough where there is time for more.
-ROUNDS = {1: 3, 4: 2, 16: 1}
+ROUNDS = {1: 3, 4: 1, 16: 1}
 STAGES = ("fetch_s", "split_s", "map_s", "reduce_s", "total_s")
 MAX_OUTPUT_TOKENS = 8
 QUESTION = "Which deployment?"
@@ -142,8 +144,9 @@ def median(values: list[float]) -> float:
     return round(statistics.median(values), 3)
 
 
-def measure(sizes: tuple[int, ...], model_base: str, s3: Any) -> list[dict[str, Any]]:
-    rows = []
+def measure(sizes: tuple[int, ...], model_base: str, s3: Any,
+            save: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     for size_mb in sizes:
         document = make_document(size_mb * MB, seed=size_mb)
         s3.put_object(Bucket=BUCKET, Key=f"doc-{size_mb}mb.txt", Body=document)
@@ -183,6 +186,7 @@ def measure(sizes: tuple[int, ...], model_base: str, s3: Any) -> list[dict[str, 
             summary["runs"] = timings
             row["chain"][str(concurrency)] = summary
         rows.append(row)
+        save(rows)
     return rows
 
 
@@ -221,6 +225,17 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def save(rows: list[dict[str, Any]], started: float) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = {"command": "python benchmarks/chain_bench.py " + " ".join(sys.argv[1:]),
+              "context_tokens": CONTEXT_TOKENS, "max_output_tokens": MAX_OUTPUT_TOKENS,
+              "concurrencies": list(CONCURRENCIES), "rounds": ROUNDS,
+              "load_average": os.getloadavg(), "elapsed_s": round(time.monotonic() - started, 1),
+              "rows": rows}
+    (RESULTS / "chain_bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, RESULTS / "chain_bench.png")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES_MB),
@@ -232,6 +247,7 @@ def main() -> None:
     moto_port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
     moto.start()
+    started = time.monotonic()
     try:
         s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{moto_port}",
                           region_name="us-east-1", aws_access_key_id="bench",
@@ -239,22 +255,12 @@ def main() -> None:
                           config=Config(signature_version="s3v4",
                                         s3={"addressing_style": "path"}))
         s3.create_bucket(Bucket=BUCKET)
-        started = time.monotonic()
-        asyncio.run(sequential(["warm-up " * 100] * WARMUP_CALLS,
-                               f"{server.base_url}/environments/production"))
-        rows = measure(tuple(args.sizes), f"{server.base_url}/environments/production", s3)
-        elapsed = time.monotonic() - started
+        model_base = f"{server.base_url}/environments/production"
+        asyncio.run(sequential(["warm-up " * 100] * WARMUP_CALLS, model_base))
+        rows = measure(tuple(args.sizes), model_base, s3, lambda rows: save(rows, started))
     finally:
         moto.stop()
         stop_server(server)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    report = {"command": "python benchmarks/chain_bench.py " + " ".join(sys.argv[1:]),
-              "context_tokens": CONTEXT_TOKENS, "max_output_tokens": MAX_OUTPUT_TOKENS,
-              "concurrencies": list(CONCURRENCIES), "rounds": ROUNDS,
-              "load_average_at_end": os.getloadavg(), "elapsed_s": round(elapsed, 1),
-              "rows": rows}
-    (RESULTS / "chain_bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(rows, RESULTS / "chain_bench.png")
     for row in rows:
         ratios = ", ".join(f"c={c}: map x{t['speedup_map']} whole x{t['speedup_total']} "
                            f"({t['chunks_per_s']} chunks/s)" for c, t in row["chain"].items())
