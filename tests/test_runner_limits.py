@@ -25,6 +25,8 @@ from conftest import (
     wait_for_status,
 )
 from openai import APIError, AuthenticationError, OpenAI
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Api-Key {KEY}"}
@@ -76,6 +78,14 @@ def test_every_route_requires_the_key(limited: Server, headers: dict, method: st
     response = httpx.request(method, f"{limited.base_url}{path}", headers=headers, json=SHORT)
     assert response.status_code == 401
     assert "Api-Key" in json.dumps(response.json())
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Api-Key wrong"}])
+def test_websockets_need_the_key_too(limited: Server, headers: dict) -> None:
+    url = limited.base_url.replace("http://", "ws://") + "/v1/websocket"
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(url, additional_headers=headers, open_timeout=10).close()
+    assert refused.value.response.status_code == 403
 
 
 def test_api_key_and_bearer_are_accepted(limited: Server, http: httpx.Client) -> None:

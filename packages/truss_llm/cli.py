@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import httpx
+import pydantic
 
 from truss_llm.media.client_cli import add_send_command
-from truss_llm.runner.settings import RunnerSettings, env_overrides
+from truss_llm.runner.settings import RunnerSettings, env_overrides, is_loopback
 from truss_llm.truss_app import DEFAULT_HOST, DEFAULT_PORT, build_server, load_truss_config
 
 READY_POLL_S = 0.5
@@ -103,12 +104,18 @@ def _is_wildcard(host: str) -> bool:
 
 def serve(args: argparse.Namespace) -> int:
     truss_dir = args.truss_dir.resolve()
-    settings = runner_settings(args)
+    try:
+        settings = runner_settings(args)
+    except pydantic.ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            where = ".".join(str(part) for part in error["loc"])
+            print(f"error: {where + ': ' if where else ''}{error['msg']}", file=sys.stderr)
+        return 2
     if settings.api_key is None:
-        print("note: no API key configured: every route is open. Pass --api-key (or set "
-              "TRUSS_LLM_RUNNER_API_KEY) to require 'Authorization: Api-Key <key>'.",
-              file=sys.stderr)
-    if settings.host not in ("127.0.0.1", "localhost", "::1"):
+        print("note: no API key configured: every route is open, on this machine only. Pass "
+              "--api-key (or set TRUSS_LLM_RUNNER_API_KEY) to require "
+              "'Authorization: Api-Key <key>'.", file=sys.stderr)
+    elif not is_loopback(settings.host):
         print(f"warning: binding {settings.host}: reachable from other machines",
               file=sys.stderr)
     server = build_server(truss_dir, host=settings.host, port=settings.port,

@@ -91,18 +91,21 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 BACKOFF_JITTER = 0.5  # each delay is drawn from [1 - jitter, 1] x the exponential step
 _ERROR_CODE = re.compile(rb"<Code>([A-Za-z0-9.]{1,64})</Code>")
 _SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
-HTTPCORE_LOGGERS = ("httpcore.connection", "httpcore.connection_pool", "httpcore.http11",
-                    "httpcore.http2", "httpcore.proxy", "httpcore.socks")
+# Loggers that print request URLs or response headers: httpx logs every request's URL at
+# INFO, httpcore its headers (a redirect's Location) at DEBUG.
+URL_LOGGERS = ("httpx", "httpcore.connection", "httpcore.connection_pool", "httpcore.http11",
+               "httpcore.http2", "httpcore.proxy", "httpcore.socks")
 _FINAL_DNS_ERRORS = frozenset(
     getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, name))
 
 
 class _QueryRedactingFilter(logging.Filter):
-    """Blanks query strings in httpcore's debug trace, which prints response headers.
+    """Blanks query strings in what httpx and httpcore log.
 
-    With DEBUG logging on, httpcore logs every response's headers, and a redirect's
-    Location carries the next hop's pre-signed query. httpcore offers no per-request switch,
-    so its loggers get this filter: any `?key=value...` token loses everything after `?`.
+    httpx logs every request's full URL at INFO (a pre-signed URL's signature, a webhook's
+    token); with DEBUG on, httpcore logs every response's headers, and a redirect's
+    Location carries the next hop's pre-signed query. Neither offers a per-request switch,
+    so their loggers get this filter: any `?key=value...` token loses everything after `?`.
     """
 
     _QUERY = re.compile(r"\?[^\s'\"]*=[^\s'\"]*")
@@ -117,14 +120,15 @@ class _QueryRedactingFilter(logging.Filter):
         return True
 
 
-def _install_httpcore_redaction() -> None:
-    for name in HTTPCORE_LOGGERS:
-        httpcore_logger = logging.getLogger(name)
-        if not any(isinstance(f, _QueryRedactingFilter) for f in httpcore_logger.filters):
-            httpcore_logger.addFilter(_QueryRedactingFilter())
+def install_url_redaction() -> None:
+    """Idempotent; every module that makes HTTP calls with secrets in URLs calls it."""
+    for name in URL_LOGGERS:
+        url_logger = logging.getLogger(name)
+        if not any(isinstance(f, _QueryRedactingFilter) for f in url_logger.filters):
+            url_logger.addFilter(_QueryRedactingFilter())
 
 
-_install_httpcore_redaction()
+install_url_redaction()
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,12 @@ from `TRUSS_LLM_RUNNER_<FIELD>` environment variables.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from truss_llm.limits import (
     ASYNC_RUN_TIMEOUT_S,
@@ -50,9 +51,35 @@ class RunnerSettings(BaseModel):
     # treats the model as one that knows nothing of budgets: only the 504 remains.
     forward_budget: bool = True
 
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, key: str | None) -> str | None:
+        # An empty key would turn auth on and then accept `Authorization: Bearer ` as it.
+        if key is not None and not key.strip():
+            raise ValueError("the API key is empty: give a non-empty --api-key "
+                             "(TRUSS_LLM_RUNNER_API_KEY), or none to serve this machine only")
+        return key
+
+    @model_validator(mode="after")
+    def _open_only_on_loopback(self) -> RunnerSettings:
+        if self.api_key is None and not is_loopback(self.host):
+            raise ValueError(f"refusing to bind {self.host} without an API key: every route "
+                             "would be open to other machines. Pass --api-key, or bind "
+                             "127.0.0.1.")
+        return self
+
     @property
     def queue_path(self) -> Path:
         return self.state_dir / "async-queue.sqlite3"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str | list[str]]:

@@ -40,6 +40,7 @@ TRUSS_PREDICT = "/v1/models/model:predict"
 ASYNC_REQUEST_PREFIX = "/async_request/"
 MODELS_PREFIX = "/v1/models/"
 TRUSS_MODEL_NAME = "model"  # truss's readiness probe asks for /v1/models/model
+WS_POLICY_VIOLATION = 1008  # RFC 6455's close code for a refused client
 
 REQUESTS = Counter("baseten_surface_requests_total", "Requests by route and status code.",
                    ["route", "code"])
@@ -130,6 +131,10 @@ class BasetenSurface:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
+            return
+        if scope["type"] == "websocket" and not self._authorized(scope):
+            # Closing before accepting makes the server answer the handshake with a 403.
+            await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION})
             return
         if scope["type"] != "http":
             await self.truss_app(scope, receive, send)

@@ -18,7 +18,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from truss_llm.media.fetch import install_url_redaction
+
 logger = logging.getLogger(__name__)
+install_url_redaction()  # a webhook URL's query may carry a token: never in a log line
 
 SIGNATURE_HEADER = "X-BASETEN-SIGNATURE"
 EVENT_TYPE = "async_request_completed"
