@@ -46,6 +46,8 @@ WEBHOOK_SECRET = "whsec_test_secret"
 LOOPBACK_MEDIA = {"TRUSS_LLM_MEDIA_ALLOW_HTTP": "true",
                   "TRUSS_LLM_MEDIA_EXTRA_ALLOWED_HOSTS": "127.0.0.1",
                   "TRUSS_LLM_MEDIA_ALLOWED_NETWORKS": "127.0.0.1/32"}
+# Webhooks go to public addresses only; the tests' receiver is on 127.0.0.1.
+LOOPBACK_WEBHOOKS = {"TRUSS_LLM_RUNNER_WEBHOOK_ALLOWED_NETWORKS": "127.0.0.1/32"}
 READY_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 30
 
@@ -84,9 +86,12 @@ class Server:
 
 
 def start_server(log_path: Path, *args: str, extra_env: dict[str, str] | None = None,
-                 port: int | None = None, api_key: str | None = None) -> Server:
+                 port: int | None = None, api_key: str | None = None,
+                 loopback_webhooks: bool = True) -> Server:
+    """The runner; `loopback_webhooks=False` leaves the webhook policy at its default."""
     port = port or free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           **(LOOPBACK_WEBHOOKS if loopback_webhooks else {}), **(extra_env or {})}
     log = log_path.open("a")
     state_dir = log_path.parent / "state"
     process = subprocess.Popen(

@@ -320,7 +320,7 @@ class PinnedTransport(httpx.AsyncBaseTransport):
 
 
 @functools.lru_cache(maxsize=8)
-def _ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
+def ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
     # Loading a CA bundle takes tens of milliseconds; one context per bundle serves every
     # fetch.
     if ca_file is not None:
@@ -514,7 +514,7 @@ async def _attempt(target: Target, addresses: list[str], policy: FetchPolicy,
     """GET one hop once: the body into `sink` (returns size and content type) or a redirect."""
     shown = target.shown
     transport = PinnedTransport(PinnedBackend(target.host, addresses, network_backend),
-                                _ssl_context(policy.ca_file))
+                                ssl_context(policy.ca_file))
     request = httpx.Request(
         "GET", target.url,
         # identity: the bytes stored are the bytes counted and hashed (no gzip bombs).

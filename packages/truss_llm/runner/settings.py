@@ -20,8 +20,10 @@ from truss_llm.limits import (
     SYNC_TIMEOUT_S,
     WAKE_TIMEOUT_S,
 )
+from truss_llm.media.policy import Networks
 
 ENV_PREFIX = "TRUSS_LLM_RUNNER_"
+LIST_SETTINGS = ("environments", "webhook_allowed_networks")  # comma-separated in variables
 
 
 class RunnerSettings(BaseModel):
@@ -45,6 +47,9 @@ class RunnerSettings(BaseModel):
     webhook_attempts: int = Field(default=3, ge=1)
     webhook_backoff_s: float = Field(default=1.0, ge=0)
     webhook_timeout_s: float = Field(default=30.0, gt=0)
+    # Webhooks go to public addresses only; these networks are allowed besides (CIDR), e.g.
+    # 127.0.0.1/32 for a receiver on this machine.
+    webhook_allowed_networks: Networks = ()
     scale_to_zero_idle_s: float | None = Field(default=None, gt=0)
     # Tell the model which budget each request runs under and how much of it is left
     # (`truss_llm.budget`), so that it answers before our timeout fires. Off, the runner
@@ -94,5 +99,5 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str | l
         if name not in fields:
             raise ValueError(f"{key}: no runner setting named {name!r}; "
                              f"known: {', '.join(sorted(fields))}")
-        values[name] = value.split(",") if name == "environments" else value
+        values[name] = [v for v in value.split(",") if v] if name in LIST_SETTINGS else value
     return values

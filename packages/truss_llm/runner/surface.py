@@ -25,7 +25,8 @@ from starlette.responses import JSONResponse, Response
 
 from truss_llm import budget
 from truss_llm.errors import describe_validation_error
-from truss_llm.runner import routes
+from truss_llm.media.policy import FetchError
+from truss_llm.runner import routes, webhooks
 from truss_llm.runner.body import BodyTooLarge, ClientGone, read_body, replaying
 from truss_llm.runner.lifecycle import ModelLifecycle, WakeTimeout
 from truss_llm.runner.models import AsyncPredictRequest
@@ -323,6 +324,11 @@ class BasetenSurface:
         except pydantic.ValidationError as exc:
             message, _ = describe_validation_error(exc)
             return baseten_error(400, message)
+        if request.webhook_endpoint is not None:
+            try:
+                webhooks.check_endpoint(request.webhook_endpoint, self.worker.webhook_policy)
+            except FetchError as exc:
+                return baseten_error(400, f"webhook_endpoint: {exc.message}")
         if isinstance(request.model_input, dict) and request.model_input.get("stream"):
             return baseten_error(400, "Streaming is not available through async predict: "
                                       "set model_input.stream to false.")

@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-import httpx
 from prometheus_client import Histogram
 
 from truss_llm.runner import webhooks
@@ -52,6 +51,7 @@ class AsyncWorker:
         self._call_model = call_model
         self._wakeup = asyncio.Event()
         self._webhook_tasks: set[asyncio.Task] = set()
+        self.webhook_policy = webhooks.webhook_policy(settings.webhook_allowed_networks)
 
     def notify(self) -> None:
         """A request was enqueued: wake an idle worker now instead of at its next poll."""
@@ -62,22 +62,18 @@ class AsyncWorker:
         if recovered:
             logger.warning("%d async requests were running when the runner stopped; "
                            "they are queued again", recovered)
-        # No proxy variables or .netrc: a webhook goes where its URL says, with no
-        # credentials but its signature.
-        async with httpx.AsyncClient(trust_env=False) as client:
-            self._client = client
-            for job in await asyncio.to_thread(self._queue.pending_webhooks):
-                self._send_webhook(job)
-            workers = [asyncio.create_task(self._work(n))
-                       for n in range(self._settings.worker_concurrency)]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for task in [*workers, *self._webhook_tasks]:
-                    task.cancel()
-                for task in [*workers, *self._webhook_tasks]:
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+        for job in await asyncio.to_thread(self._queue.pending_webhooks):
+            self._send_webhook(job)
+        workers = [asyncio.create_task(self._work(n))
+                   for n in range(self._settings.worker_concurrency)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in [*workers, *self._webhook_tasks]:
+                task.cancel()
+            for task in [*workers, *self._webhook_tasks]:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     async def _work(self, number: int) -> None:
         while True:
@@ -154,7 +150,8 @@ class AsyncWorker:
         body = webhooks.payload(job.request_id, self._settings.model_id,
                                 self._settings.deployment_id, data, errors)
         ok = await webhooks.deliver(
-            self._client, job.webhook_endpoint, body, self._settings.webhook_secret,
+            job.webhook_endpoint, body, self._settings.webhook_secret,
+            policy=self.webhook_policy,
             attempts=self._settings.webhook_attempts,
             backoff_s=self._settings.webhook_backoff_s,
             timeout_s=self._settings.webhook_timeout_s)
