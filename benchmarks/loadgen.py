@@ -384,8 +384,9 @@ def _progress_bar(total: int, description: str | None) -> Any:
         return None
     from tqdm import tqdm
 
+    # disable=None: a bar on a terminal, nothing in a log file (where it only adds noise).
     return tqdm(total=total, desc=description, unit="req", leave=False, file=sys.stderr,
-                dynamic_ncols=True)
+                dynamic_ncols=True, disable=None)
 
 
 @dataclass

@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="py-spy seconds per server after the rounds (0: no profile)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "peer_bench.json")
     args = parser.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix="peer-bench-"))
     print(f"server logs: {log_dir}", flush=True)
     report: dict[str, Any] = {"command": loadgen.command_line(),
@@ -292,19 +293,25 @@ def main(argv: list[str] | None = None) -> int:
         foreign = servers.ForeignCpu(set().union(*(s.pids() for s in started_servers)))
         report.update(asyncio.run(measure(targets, args.concurrency, args.rounds, foreign,
                                           args.requests_per_stream)))
+        # The measurement is saved before profiling: a failed profile must not lose it.
+        args.out.write_text(json.dumps(loadgen.rounded(report), indent=2) + "\n")
         if args.profile_s > 0:
             report["profiles"] = {}
             top = str(max(args.concurrency))
             for name, server in ((PEER, peer), (OURS_SYNC, ours)):
                 tokens_per_s = report["levels"][top]["per_target"][name]["output_tokens_per_s"]
-                report["profiles"][name] = asyncio.run(profile_under_load(
-                    targets[name], server.pid, args.profile_s, tokens_per_s,
-                    args.out.with_name(f"profile_{name}.txt")))
+                try:
+                    report["profiles"][name] = asyncio.run(profile_under_load(
+                        targets[name], server.pid, args.profile_s, tokens_per_s,
+                        args.out.with_name(f"profile_{name}.txt")))
+                except (OSError, ValueError) as exc:
+                    report["profiles"][name] = {"failed": f"{type(exc).__name__}: {exc}"}
+                    print(f"profile {name} failed: {exc}", flush=True)
+                    continue
                 busy = report["profiles"][name]["shares"].get("main_thread_busy_pct")
                 print(f"profile {name}: main thread busy {busy}%", flush=True)
     report["wall_s"] = time.perf_counter() - started
     report["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(loadgen.rounded(report), indent=2) + "\n")
     table = markdown_table(report)
     args.out.with_suffix(".md").write_text(

@@ -34,6 +34,20 @@ GROUPS: dict[str, str] = {
     "asyncio event loop (selector, transports)": r"asyncio/(base_events|selector_events)\.py",
     "socket write (transport.write)": r"^write \(.*asyncio/selector_events\.py",
 }
+# Exclusive layers, by the source file of the sample's innermost frame (first match wins):
+# they add up to 100% and say which layer's own code the thread was running.
+LAYERS: dict[str, str] = {
+    "ours (truss_llm)": r"truss_llm/",
+    "truss server": r"/truss_server\.py|/model_wrapper\.py|_truss_shared|templates/server",
+    "vLLM": r"vllm/",
+    "tokenizers / transformers": r"tokenizers|transformers/",
+    "pydantic": r"pydantic",
+    "web framework (starlette, fastapi, anyio)": r"starlette/|fastapi/|anyio/",
+    "HTTP server (uvicorn, h11, httptools)": r"uvicorn/|h11/|httptools",
+    "event loop and sockets (asyncio, selectors, uvloop)": r"asyncio/|selectors\.py|uvloop",
+    "metrics (prometheus_client)": r"prometheus",
+    "ZeroMQ / msgpack (engine IPC)": r"zmq/|msgspec|msgpack",
+}
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<path>[^:()]+)(?::(?P<line>\d+))?\)$")
 
 
@@ -61,7 +75,9 @@ def shares(stacks: list[tuple[list[str], int]], top: int, duration_s: float | No
     groups: Counter[str] = Counter()
     files: Counter[str] = Counter()
     file_self: Counter[str] = Counter()
+    layers: Counter[str] = Counter()
     selfs: Counter[str] = Counter()
+    layer_patterns = {name: re.compile(pattern) for name, pattern in LAYERS.items()}
     compiled = {name: re.compile(pattern) for name, pattern in GROUPS.items()}
     for frames, count in stacks:
         for name, pattern in compiled.items():
@@ -77,13 +93,17 @@ def shares(stacks: list[tuple[list[str], int]], top: int, duration_s: float | No
                 files[source] += count
         leaf = FRAME.match(frames[-1])
         file_self[_short(leaf["path"]) if leaf else frames[-1]] += count
+        leaf_path = leaf["path"] if leaf else frames[-1]
+        layers[next((name for name, pattern in layer_patterns.items()
+                     if pattern.search(leaf_path)), "other (stdlib, ...)")] += count
         selfs[f"{leaf['func']} ({_short(leaf['path'])})" if leaf else frames[-1]] += count
 
     def pct(counter: Counter[str], n: int | None = None) -> dict[str, float]:
         return {k: round(100 * v / total, 1) for k, v in counter.most_common(n)}
 
     out = {"main_thread_samples": total, "worker_thread_samples": workers,
-           "groups_inclusive_pct": pct(groups), "files_inclusive_pct": pct(files, top),
+           "layers_self_pct": pct(layers), "groups_inclusive_pct": pct(groups),
+           "files_inclusive_pct": pct(files, top),
            "files_self_pct": pct(file_self, top), "functions_self_pct": pct(selfs, top)}
     if duration_s and rate_hz:
         # Share of wall time the main thread was on a CPU (or waiting for the GIL).
@@ -113,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['main_thread_samples']} main-thread samples "
           f"({result['worker_thread_samples']} in worker threads, left out); main thread "
           f"busy {result.get('main_thread_busy_pct', '?')}% of the time")
-    for title, key in (("groups (inclusive)", "groups_inclusive_pct"),
+    for title, key in (("layers (self: whose code ran)", "layers_self_pct"),
+                       ("groups (inclusive)", "groups_inclusive_pct"),
                        ("files (inclusive)", "files_inclusive_pct"),
                        ("files (self)", "files_self_pct"),
                        ("functions (self)", "functions_self_pct")):
