@@ -12,11 +12,11 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 from truss_llm.budget import budget_settings
-from truss_llm.engine import Engine
-from truss_llm.errors import baseten_error
+from truss_llm.engine import Engine, exit_on_engine_death, schedule_exit
+from truss_llm.errors import engine_unavailable
 from truss_llm.media.parts import media_policy
 from truss_llm.metrics import register_engine_metrics
-from truss_llm.openai_surface import OpenAISurface
+from truss_llm.openai_surface import OpenAISurface, render_baseten_error, render_openai_error
 from truss_llm.settings import resolve_settings
 
 
@@ -36,6 +36,7 @@ class Model:
         settings = resolve_settings(self._config, self._data_dir)
         engine = Engine(settings)
         surface = OpenAISurface(engine, media_policy(self._config), budget_settings(self._config))
+        engine.on_death(self._on_engine_death)
         engine.start()
         register_engine_metrics(engine)
         # Publish only a started engine: `loaded` must not be true halfway through a load.
@@ -51,22 +52,35 @@ class Model:
     def loaded(self) -> bool:
         return self._engine is not None
 
+    @property
+    def engine_dead(self) -> bool:
+        """A started engine that died (the local runner watches this to restart it)."""
+        engine = self._engine
+        return engine is not None and not engine.alive
+
+    def _on_engine_death(self) -> None:
+        if exit_on_engine_death():
+            # As `vllm serve` does: end the process, so that the platform restarts the
+            # replica (Baseten would otherwise wait restart_threshold_seconds). Requests in
+            # flight meanwhile get a 503 with Retry-After.
+            schedule_exit()
+
     async def is_healthy(self) -> bool:
         return self._engine is not None and await self._engine.is_healthy()
 
     async def predict(self, request: Request) -> Response:
         if self._surface is None:
-            return _unloaded()
+            return render_baseten_error(_UNLOADED)
         return await self._surface.predict(request)
 
     async def chat_completions(self, request: Request) -> Response:
         if self._surface is None:
-            return _unloaded()
+            return render_openai_error(_UNLOADED)
         return await self._surface.chat_completions(request)
 
     async def completions(self, request: Request) -> Response:
         if self._surface is None:
-            return _unloaded()
+            return render_openai_error(_UNLOADED)
         return await self._surface.completions(request)
 
     async def models(self) -> dict[str, Any]:
@@ -76,8 +90,7 @@ class Model:
         return await surface.models() if surface else {"object": "list", "data": []}
 
 
-def _unloaded() -> Response:
-    return baseten_error(503, "The model is scaled to zero; call /wake or retry shortly.")
+_UNLOADED = engine_unavailable("it is scaled to zero or restarting (call /wake)")
 
 
 def _secret(secrets: Any, name: str) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 import threading
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import httpx
 import pydantic
 
+from truss_llm.engine import EXIT_ON_DEATH_ENV
 from truss_llm.media.client_cli import add_send_command
 from truss_llm.runner.settings import RunnerSettings, env_overrides, is_loopback
 from truss_llm.truss_app import DEFAULT_HOST, DEFAULT_PORT, build_server, load_truss_config
@@ -118,6 +120,9 @@ def serve(args: argparse.Namespace) -> int:
     elif not is_loopback(settings.host):
         print(f"warning: binding {settings.host}: reachable from other machines",
               file=sys.stderr)
+    # A dead engine is restarted by the runner (lifecycle.run_engine_watch), not by ending
+    # the process as a deployment does.
+    os.environ[EXIT_ON_DEATH_ENV] = "0"
     server = build_server(truss_dir, host=settings.host, port=settings.port,
                           log_level=args.log_level, runner=settings)
     host = "127.0.0.1" if _is_wildcard(settings.host) else settings.host

@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import logging
 import os
+import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S = 10.0
+DEATH_CHECK_S = 0.5  # how often the watchdog looks at the engine
+EXIT_DELAY_S = 1.0
+EXIT_ON_DEATH_ENV = "TRUSS_LLM_EXIT_ON_ENGINE_DEATH"
 
 
 def configure_vllm_environment(settings: EngineSettings) -> None:
@@ -71,6 +75,8 @@ class Engine:
         self._ready = False
         self._setup_lock: asyncio.Lock | None = None
         self._on_ready: list[Callable[[AsyncLLM], Awaitable[None]]] = []
+        self._on_death: list[Callable[[], None]] = []
+        self._watchdog: asyncio.Task | None = None
 
     @property
     def client(self) -> AsyncLLM:
@@ -96,6 +102,21 @@ class Engine:
         """Register an async callable run once on the server loop before the first request."""
         self._on_ready.append(setup)
 
+    def on_death(self, callback: Callable[[], None]) -> None:
+        """Register a callable run once, on the server loop, if the engine dies."""
+        self._on_death.append(callback)
+
+    async def _watch(self) -> None:
+        """vLLM reports a dead EngineCore only to the requests it fails; an idle replica
+        would never notice. So look, and tell whoever restarts it."""
+        while self._client is not None:
+            if self._client.errored:
+                logger.critical("the vLLM engine died")
+                for callback in self._on_death:
+                    callback()
+                return
+            await asyncio.sleep(DEATH_CHECK_S)
+
     async def ensure_ready(self) -> None:
         """Finish set-up on the server's loop (idempotent) and prove one token generates."""
         if self._ready:
@@ -110,6 +131,7 @@ class Engine:
                 await setup(self.client)
             await self._generate_one_token()
             self._ready = True
+            self._watchdog = asyncio.create_task(self._watch())
             logger.info("engine ready to serve (first-use set-up %.1f s)",
                         time.perf_counter() - started)
 
@@ -140,7 +162,22 @@ class Engine:
         return 0 if self._client is None else self._client.get_num_unfinished_requests()
 
     def shutdown(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._client is not None:
             client, self._client = self._client, None
             logger.info("shutting down the vLLM engine")
             client.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+
+
+def exit_on_engine_death() -> bool:
+    """True in a deployment; the local runner sets EXIT_ON_DEATH_ENV=0 and restarts the
+    engine itself."""
+    return os.environ.get(EXIT_ON_DEATH_ENV, "1").lower() not in ("0", "false", "no")
+
+
+def schedule_exit(delay_s: float = EXIT_DELAY_S) -> None:
+    """SIGTERM ourselves after `delay_s` (time for the 503s in flight to leave): uvicorn
+    shuts down and re-raises the signal, so the process ends with a non-zero status."""
+    loop = asyncio.get_running_loop()
+    loop.call_later(delay_s, os.kill, os.getpid(), signal.SIGTERM)

@@ -19,15 +19,33 @@ logger = logging.getLogger(__name__)
 MAX_REPORTED_VALIDATION_ERRORS = 5
 
 
+# How long a client should wait before retrying while the engine is (re)starting.
+ENGINE_RESTART_RETRY_AFTER_S = 10
+
+
 class RequestError(Exception):
-    """A request the client must fix; carries the status and the parameter at fault."""
+    """A request the client must fix (or, 5xx, retry); carries the status, the parameter at
+    fault, and for a retryable one how long to wait."""
 
     def __init__(self, message: str, status: int = HTTPStatus.BAD_REQUEST,
-                 param: str | None = None) -> None:
+                 param: str | None = None, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = int(status)
         self.param = param
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return None if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
+
+
+def engine_unavailable(detail: str = "its engine stopped") -> RequestError:
+    """503 with Retry-After: the replica cannot serve now (dead engine, restarting or
+    scaled to zero), and a retry soon can succeed."""
+    return RequestError(f"The model is unavailable: {detail}. Retry in a few seconds.",
+                        HTTPStatus.SERVICE_UNAVAILABLE,
+                        retry_after_s=ENGINE_RESTART_RETRY_AFTER_S)
 
 
 def _error_type(status: int) -> str:
@@ -48,14 +66,16 @@ def _error_type(status: int) -> str:
 
 
 def openai_error(status: int, message: str, param: str | None = None,
-                 error_type: str | None = None) -> JSONResponse:
+                 error_type: str | None = None, headers: dict[str, str] | None = None
+                 ) -> JSONResponse:
     body = {"error": {"message": message, "type": error_type or _error_type(status),
                       "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-def baseten_error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def baseten_error(status: int, message: str, headers: dict[str, str] | None = None
+                  ) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def describe_validation_error(exc: pydantic.ValidationError) -> tuple[str, str | None]:
@@ -79,9 +99,13 @@ def error_from_exception(exc: BaseException) -> RequestError:
     from vllm.entrypoints.serve.exception_handling.error_response import (
         create_error_response,
     )
+    from vllm.v1.engine.exceptions import EngineDeadError
 
     if isinstance(exc, RequestError):
         return exc
+    if isinstance(exc, EngineDeadError):  # never a 500: the platform or runner restarts it
+        logger.error("request failed: the vLLM engine is dead")
+        return engine_unavailable()
     if isinstance(exc, pydantic.ValidationError):
         message, param = describe_validation_error(exc)
         return RequestError(message, HTTPStatus.BAD_REQUEST, param)

@@ -25,7 +25,13 @@ from truss_llm.budget import BudgetSettings, Deadline
 from truss_llm.budget_engine import BudgetedEngineClient
 from truss_llm.cancellation import ClientDisconnected, run_until_disconnected
 from truss_llm.engine import Engine
-from truss_llm.errors import RequestError, baseten_error, error_from_exception, openai_error
+from truss_llm.errors import (
+    RequestError,
+    baseten_error,
+    engine_unavailable,
+    error_from_exception,
+    openai_error,
+)
 from truss_llm.media.parts import MediaResolver
 from truss_llm.media.policy import FetchPolicy
 from truss_llm.settings import EngineSettings
@@ -273,6 +279,8 @@ class OpenAISurface:
         render_error = render_error or render_openai_error
         deadline: Deadline | None = None
         try:
+            if not self._engine.alive:
+                raise engine_unavailable()
             deadline = budget.deadline_for(request.headers, self._budget, arrived)
             body = await read_json_object(request)
             await self._engine.ensure_ready()
@@ -327,8 +335,8 @@ def _finish_stream(result: Any, usage_requested: bool, choices: int) -> Any:
 
 
 def render_openai_error(error: RequestError) -> Response:
-    return openai_error(error.status, error.message, error.param)
+    return openai_error(error.status, error.message, error.param, headers=error.headers)
 
 
 def render_baseten_error(error: RequestError) -> Response:
-    return baseten_error(error.status, error.message)
+    return baseten_error(error.status, error.message, headers=error.headers)

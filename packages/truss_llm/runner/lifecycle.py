@@ -14,10 +14,16 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from prometheus_client import Counter
+
 logger = logging.getLogger(__name__)
+
+ENGINE_RESTARTS = Counter("truss_llm_engine_restarts_total",
+                          "Engines the local runner restarted after they died.")
 
 IDLE_CHECK_S = 1.0
 READY_POLL_S = 0.2
+ENGINE_CHECK_S = 0.5
 
 
 class WakeTimeout(Exception):
@@ -87,6 +93,24 @@ class ModelLifecycle:
         finally:
             self._in_flight -= 1
             self._last_active = time.monotonic()
+
+    async def run_engine_watch(self) -> None:
+        """Restart a model whose engine died, as the platform would restart the replica:
+        unload what is left of it, then load it again (requests meanwhile wait for the
+        reload, as they do for a wake; the async queue is untouched)."""
+        while True:
+            await asyncio.sleep(ENGINE_CHECK_S)
+            model = self.model
+            if model is None or not getattr(model, "engine_dead", False):
+                continue
+            async with self._lock:
+                if not getattr(model, "engine_dead", False):
+                    continue
+                logger.error("the engine died: restarting it")
+                ENGINE_RESTARTS.inc()
+                await asyncio.to_thread(model.unload)
+                self._last_active = time.monotonic()
+                self._reload = asyncio.create_task(asyncio.to_thread(model.load))
 
     async def run_idle_watch(self) -> None:
         """Unload the model once it has been idle for `idle_s` (scale to zero)."""

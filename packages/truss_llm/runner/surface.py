@@ -415,7 +415,8 @@ class BasetenSurface:
             truss_lifespan = self.truss_app.router.lifespan_context(self.truss_app)
             await truss_lifespan.__aenter__()
             self._tasks = [asyncio.create_task(self.worker.run()),
-                           asyncio.create_task(self.lifecycle.run_idle_watch())]
+                           asyncio.create_task(self.lifecycle.run_idle_watch()),
+                           asyncio.create_task(self.lifecycle.run_engine_watch())]
         except Exception as exc:
             logger.exception("start-up failed")
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
