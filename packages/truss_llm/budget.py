@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from truss_llm.env_settings import prefixed_values
 from truss_llm.errors import RequestError
 from truss_llm.limits import ASYNC_RUN_TIMEOUT_S, SYNC_TIMEOUT_S
 
@@ -78,13 +79,7 @@ def budget_settings(config: Mapping[str, Any], environ: Mapping[str, str] | None
                     ) -> BudgetSettings:
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = dict((config.get("model_metadata") or {}).get("budget") or {})
-    for key, value in environ.items():
-        if key.startswith(ENV_PREFIX):
-            name = key[len(ENV_PREFIX):].lower()
-            if name not in BudgetSettings.model_fields:
-                raise ValueError(f"{key}: no budget setting named {name!r}; known: "
-                                 f"{', '.join(sorted(BudgetSettings.model_fields))}")
-            values[name] = value
+    values.update(prefixed_values(environ, ENV_PREFIX, BudgetSettings.model_fields, "budget"))
     return BudgetSettings.model_validate(values)
 
 

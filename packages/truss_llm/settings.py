@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from truss_llm.env_settings import prefixed_values
+
 logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "TRUSS_LLM_ENGINE_"
@@ -93,19 +95,6 @@ def _has_weights(path: str | None) -> bool:
     return bool(path) and (Path(path) / "config.json").is_file()
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
-    fields = EngineSettings.model_fields
-    overrides = {}
-    for key, value in environ.items():
-        if key.startswith(ENV_PREFIX):
-            name = key[len(ENV_PREFIX):].lower()
-            if name not in fields:
-                raise ValueError(f"{key}: no engine setting named {name!r}; "
-                                 f"known: {', '.join(sorted(fields))}")
-            overrides[name] = value
-    return overrides
-
-
 def resolve_settings(
     config: Mapping[str, Any],
     data_dir: Path,
@@ -116,7 +105,7 @@ def resolve_settings(
     environ = os.environ if environ is None else environ
     has_gpu = gpu_available() if has_gpu is None else has_gpu
     configured = dict((config.get("model_metadata") or {}).get("engine") or {})
-    overrides = _env_overrides(environ)
+    overrides = prefixed_values(environ, ENV_PREFIX, EngineSettings.model_fields, "engine")
     values: dict[str, Any] = dict(configured)
     accelerator = (config.get("resources") or {}).get("accelerator")
     values.setdefault("tensor_parallel_size", accelerator_count(accelerator))

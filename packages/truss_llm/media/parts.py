@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from truss_llm.env_settings import prefixed_values
 from truss_llm.errors import RequestError
 from truss_llm.media.fetch import FetchedFile, fetch_to_file
 from truss_llm.media.policy import FetchError, FetchPolicy, redact_url
@@ -45,14 +46,8 @@ def media_policy(config: Mapping[str, Any], environ: Mapping[str, str] | None = 
     variables (lists comma-separated, e.g. TRUSS_LLM_MEDIA_EXTRA_ALLOWED_HOSTS=a.com,b.com)."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = dict((config.get("model_metadata") or {}).get("media") or {})
-    for key, value in environ.items():
-        if key.startswith(ENV_PREFIX):
-            name = key[len(ENV_PREFIX):].lower()
-            if name not in FetchPolicy.model_fields:
-                raise ValueError(f"{key}: no media setting named {name!r}; known: "
-                                 f"{', '.join(sorted(FetchPolicy.model_fields))}")
-            values[name] = tuple(v for v in value.split(",") if v) if name in LIST_FIELDS \
-                else value
+    values.update(prefixed_values(environ, ENV_PREFIX, FetchPolicy.model_fields, "media",
+                                  lists=LIST_FIELDS))
     return FetchPolicy.model_validate(values)
 
 

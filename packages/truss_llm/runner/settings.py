@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from truss_llm.env_settings import prefixed_values
 from truss_llm.limits import (
     ASYNC_RUN_TIMEOUT_S,
     MAX_ASYNC_INPUT_BYTES,
@@ -90,14 +91,5 @@ def is_loopback(host: str) -> bool:
 def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, str | list[str]]:
     """`TRUSS_LLM_RUNNER_SYNC_TIMEOUT_S=5` -> {"sync_timeout_s": "5"} (lists comma-separated)."""
     environ = os.environ if environ is None else environ
-    fields = RunnerSettings.model_fields
-    values: dict[str, str | list[str]] = {}
-    for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX):
-            continue
-        name = key[len(ENV_PREFIX):].lower()
-        if name not in fields:
-            raise ValueError(f"{key}: no runner setting named {name!r}; "
-                             f"known: {', '.join(sorted(fields))}")
-        values[name] = [v for v in value.split(",") if v] if name in LIST_SETTINGS else value
-    return values
+    return prefixed_values(environ, ENV_PREFIX, RunnerSettings.model_fields, "runner",
+                           lists=LIST_SETTINGS)
