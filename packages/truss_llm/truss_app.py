@@ -10,6 +10,7 @@ every interface, hard-coded, which a local runner must not do).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import signal
@@ -27,6 +28,23 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 # Ctrl-C should not wait for streams the way a rolling deploy does (truss uses 3600 s).
 GRACEFUL_SHUTDOWN_S = 5
+# The HTTP stack `vllm serve` runs: httptools' C parser on uvloop's C event loop. Truss's
+# own main.py ends up on h11 and a plain asyncio loop (it calls asyncio.run itself, so its
+# `loop="uvloop"` never applies), which costs a streaming server a share of one core per
+# SSE chunk; see the Benchmarks section of the README for the measured difference. Both
+# come with vLLM (fastapi[standard] -> uvicorn[standard]); without them, the pure-Python
+# pair below.
+# A deployment (or a benchmark measuring the difference) can choose with these variables.
+FAST_HTTP, FAST_LOOP = "httptools", "uvloop"
+FALLBACK_HTTP, FALLBACK_LOOP = "h11", "asyncio"
+HTTP_ENV, LOOP_ENV = "TRUSS_LLM_UVICORN_HTTP", "TRUSS_LLM_UVICORN_LOOP"
+
+
+def http_stack() -> tuple[str, str]:
+    """uvicorn's (http, loop) implementations: the fast pair where installed."""
+    http = FAST_HTTP if importlib.util.find_spec(FAST_HTTP) else FALLBACK_HTTP
+    loop = FAST_LOOP if importlib.util.find_spec(FAST_LOOP) else FALLBACK_LOOP
+    return os.environ.get(HTTP_ENV, http), os.environ.get(LOOP_ENV, loop)
 
 
 def load_truss_config(truss_dir: Path) -> dict[str, Any]:
@@ -78,12 +96,14 @@ def build_server(truss_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_
         from truss_llm.runner.surface import BasetenSurface
 
         app = BasetenSurface(app, truss_server._model, runner)
+    http, loop = http_stack()
+    logger.info("HTTP server: uvicorn with %s on %s", http, loop)
     uv_config = uvicorn.Config(
         app,
         host=host,
         port=port,
-        http="h11",
-        loop="asyncio",
+        http=http,
+        loop=loop,
         workers=1,
         log_config=log_config.make_log_config(log_level),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
