@@ -61,7 +61,9 @@ def budgeted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                    "TRUSS_LLM_BUDGET_MARGIN_S": str(MARGIN_S),
                    "TRUSS_LLM_RUNNER_ASYNC_RUN_TIMEOUT_S": "900",
                    "TRUSS_LLM_ENGINE_MAX_MODEL_LEN": "4096",
-                   "TRUSS_LLM_ENGINE_MAX_NUM_SEQS": "4"})
+                   "TRUSS_LLM_ENGINE_MAX_NUM_SEQS": "4",
+                   # The ramp queues up to 15 requests: admission must not refuse them.
+                   "TRUSS_LLM_ENGINE_MAX_NUM_QUEUED_REQS": "64"})
     yield srv
     stop_server(srv)
 

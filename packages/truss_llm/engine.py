@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_S = 10.0
+# Default admission bound: as many requests waiting as the engine runs at once, so that a
+# full batch is always queued behind the running one and no request waits longer than
+# about one generation for its first token.
+QUEUE_DEPTH_FACTOR = 2
 DEATH_CHECK_S = 0.5  # how often the watchdog looks at the engine
 EXIT_DELAY_S = 1.0
 EXIT_ON_DEATH_ENV = "TRUSS_LLM_EXIT_ON_ENGINE_DEATH"
@@ -47,6 +51,7 @@ def engine_args(settings: EngineSettings):  # -> AsyncEngineArgs, imported lazil
         "max_model_len": settings.max_model_len,
         "kv_cache_memory_bytes": settings.kv_cache_memory_bytes,
         "max_num_seqs": settings.max_num_seqs,
+        "max_num_queued_reqs": settings.max_num_queued_reqs,
         "enable_prefix_caching": settings.enable_prefix_caching,
     }
     return AsyncEngineArgs(
@@ -93,6 +98,13 @@ class Engine:
         started = time.perf_counter()
         self._client = AsyncLLM.from_engine_args(
             engine_args(self.settings), usage_context=UsageContext.OPENAI_API_SERVER)
+        scheduler = self._client.vllm_config.scheduler_config
+        if scheduler.max_num_queued_reqs is None:
+            # max_num_seqs is known only now (vLLM picks it by device); the bound is read
+            # at every admission, so setting it here takes effect for every request.
+            scheduler.max_num_queued_reqs = QUEUE_DEPTH_FACTOR * scheduler.max_num_seqs
+        logger.info("admission: at most %d requests running or waiting (%d running)",
+                    scheduler.max_num_queued_reqs, scheduler.max_num_seqs)
         # The truss server has no shutdown hook: without this the EngineCore outlives us.
         atexit.register(self.shutdown)
         logger.info("vLLM engine for %s built in %.1f s", self.settings.served_model_name,

@@ -21,6 +21,8 @@ MAX_REPORTED_VALIDATION_ERRORS = 5
 
 # How long a client should wait before retrying while the engine is (re)starting.
 ENGINE_RESTART_RETRY_AFTER_S = 10
+# ... and when the engine is full: a generation or so frees a place.
+BUSY_RETRY_AFTER_S = 1
 
 
 class RequestError(Exception):
@@ -99,10 +101,17 @@ def error_from_exception(exc: BaseException) -> RequestError:
     from vllm.entrypoints.serve.exception_handling.error_response import (
         create_error_response,
     )
+    from vllm.exceptions import MaxQueuedTokensError, QueueOverflowError
     from vllm.v1.engine.exceptions import EngineDeadError
 
     if isinstance(exc, RequestError):
         return exc
+    if isinstance(exc, QueueOverflowError | MaxQueuedTokensError):
+        # vLLM's admission control says 503; it is the client's rate to lower, not a
+        # failure: OpenAI's and Baseten's clients back off on a 429 with Retry-After.
+        return RequestError("The model is at capacity: too many requests running and "
+                            "waiting. Retry shortly.", HTTPStatus.TOO_MANY_REQUESTS,
+                            retry_after_s=BUSY_RETRY_AFTER_S)
     if isinstance(exc, EngineDeadError):  # never a 500: the platform or runner restarts it
         logger.error("request failed: the vLLM engine is dead")
         return engine_unavailable()

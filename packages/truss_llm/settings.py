@@ -59,6 +59,11 @@ class EngineSettings(BaseModel):
     gpu_memory_utilization: float = Field(default=0.90, gt=0, le=1)
     kv_cache_memory_bytes: int | None = Field(default=None, gt=0)
     max_num_seqs: int | None = Field(default=None, gt=0)
+    # Admission control (vLLM's own): requests generating or waiting in the engine past
+    # this are refused at once with a 429 and Retry-After, instead of queueing without
+    # bound while time to first token degrades for everyone. None: QUEUE_DEPTH_FACTOR
+    # times the engine's max_num_seqs (whatever vLLM chose for this device).
+    max_num_queued_reqs: int | None = Field(default=None, gt=0)
     enforce_eager: bool = False
     # Tool calling: a parser that fits the model's chat format (hermes for Qwen and our
     # tiny model, llama3_json for Llama 3.x, mistral for Mistral...). None disables tools.

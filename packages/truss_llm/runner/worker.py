@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 from prometheus_client import Histogram
 
@@ -109,8 +110,9 @@ class AsyncWorker:
             done = await asyncio.to_thread(self._queue.complete, job.request_id,
                                            body.decode(errors="replace"))
             self._finished(done, AsyncStatus.SUCCEEDED, output=body)
-        elif 400 <= status < 500:
-            # The input is wrong: another attempt would fail the same way.
+        elif 400 <= status < 500 and status != HTTPStatus.TOO_MANY_REQUESTS:
+            # The input is wrong: another attempt would fail the same way. (A 429 is the
+            # model at capacity: retried, as a 5xx is.)
             await self._fail(job, AsyncErrorCode.MODEL_INVALID_INPUT, _error_text(body),
                              retryable=False)
         else:
