@@ -289,7 +289,7 @@ def test_media_fetching_is_charged_to_the_deadline(http: httpx.Client) -> None:
         started = time.monotonic()
         response = http.post("/production/predict", json=_with_document(stuck.url))
         elapsed = time.monotonic() - started
-        assert 400 <= response.status_code < 500, response.text
+        assert response.status_code == 504, response.text  # the store did not answer in time
         assert "notes.txt" in response.json()["error"]
         assert elapsed < BUDGET_S, f"{elapsed:.2f} s"
     finally:

@@ -443,7 +443,7 @@ def test_chunked_bodies_go_through_httpcore(server: AdversarialServer,
 def test_body_cut_short_is_retried_then_fails(server: AdversarialServer, tmp_path: Path) -> None:
     path = f"/short/{token()}"
     error = fetch_error(server.url(path), directory=tmp_path)
-    assert (error.status, error.reason) == (422, "upstream_error")
+    assert (error.status, error.reason) == (502, "upstream_error")
     assert "connection closed early" in error.message
     assert server.hits[path] == LOCAL.max_attempts
     assert list(tmp_path.iterdir()) == []
@@ -546,13 +546,13 @@ def test_memory_stays_bounded_while_streaming(server: AdversarialServer, tmp_pat
 
 
 @pytest.mark.timeout(15)
-def test_silence_past_the_read_timeout_is_retried_then_408(server: AdversarialServer,
+def test_silence_past_the_read_timeout_is_retried_then_504(server: AdversarialServer,
                                                            tmp_path: Path) -> None:
     path = f"/drip/{token()}"
     started = time.monotonic()
     error = fetch_error(server.url(path), local(read_timeout_s=0.3, max_attempts=2),
                         directory=tmp_path)
-    assert (error.status, error.reason) == (408, "timeout")
+    assert (error.status, error.reason) == (504, "timeout")
     assert "read timeout" in error.message
     assert server.hits[path] == 2
     assert time.monotonic() - started < DRIP_PAUSE_S + 1
@@ -566,7 +566,7 @@ def test_total_timeout_ends_a_trickle(server: AdversarialServer, tmp_path: Path)
     error = fetch_error(server.url(path), local(read_timeout_s=1, total_timeout_s=0.5),
                         directory=tmp_path)
     elapsed = time.monotonic() - started
-    assert (error.status, error.reason) == (408, "timeout")
+    assert (error.status, error.reason) == (504, "timeout")
     assert 0.5 <= elapsed < 1.5
     assert server.hits[path] == 1
     assert list(tmp_path.iterdir()) == []
@@ -584,7 +584,7 @@ def test_deadline_caps_the_total_timeout(server: AdversarialServer) -> None:
 def test_passed_deadline_fails_without_connecting(server: AdversarialServer) -> None:
     before = server.connections
     error = fetch_error(server.url(f"/file/{token()}"), deadline=time.monotonic() - 1)
-    assert (error.status, error.reason) == (408, "timeout")
+    assert (error.status, error.reason) == (504, "timeout")
     assert server.connections == before
 
 
@@ -593,7 +593,7 @@ def test_connect_timeout_is_passed_down_and_retried() -> None:
     error = fetch_error("http://slow.example.test/x", local(extra_allowed_hosts=("*.test",),
                                                             connect_timeout_s=0.7),
                         resolver=FakeResolver(["127.0.0.1"]), network_backend=backend)
-    assert (error.status, error.reason) == (408, "timeout")
+    assert (error.status, error.reason) == (504, "timeout")
     assert backend.dialled == [("127.0.0.1", 80, 0.7)] * LOCAL.max_attempts
 
 
@@ -624,7 +624,7 @@ def test_503_then_200_is_retried(server: AdversarialServer) -> None:
 def test_persistent_503_fails_after_max_attempts(server: AdversarialServer) -> None:
     path = f"/always-503/{token()}"
     error = fetch_error(server.url(path))
-    assert (error.status, error.reason) == (422, "upstream_error")
+    assert (error.status, error.reason) == (502, "upstream_error")
     assert "503" in error.message and "3 attempts" in error.message
     assert server.hits[path] == LOCAL.max_attempts
 
@@ -650,7 +650,7 @@ def test_403_names_the_store_error_code_but_never_the_body(server: AdversarialSe
 def test_dropped_connection_is_retried(server: AdversarialServer) -> None:
     path = f"/reset/{token()}"
     error = fetch_error(server.url(path))
-    assert (error.status, error.reason) == (422, "upstream_error")
+    assert (error.status, error.reason) == (502, "upstream_error")
     assert server.hits[path] == LOCAL.max_attempts
 
 
@@ -659,7 +659,7 @@ def test_refused_connection_is_retried_then_fails() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     error = fetch_error(f"http://127.0.0.1:{port}/file")
-    assert (error.status, error.reason) == (422, "upstream_error")
+    assert (error.status, error.reason) == (502, "upstream_error")
     assert "could not connect" in error.message
 
 

@@ -153,11 +153,13 @@ class _Transient(Exception):
         self.timed_out = timed_out
 
     def final(self, shown: str, attempts: int) -> FetchError:
+        # The store failed us, not the caller: a gateway's statuses, which clients (and
+        # the async worker) retry, where a 4xx would tell them not to.
         tries = f"after {attempts} attempt{'s' if attempts > 1 else ''}"
         if self.timed_out:
-            return FetchError(HTTPStatus.REQUEST_TIMEOUT, FetchError.TIMEOUT,
+            return FetchError(HTTPStatus.GATEWAY_TIMEOUT, FetchError.TIMEOUT,
                               f"{shown}: {self.detail} ({tries})")
-        return FetchError(HTTPStatus.UNPROCESSABLE_ENTITY, FetchError.UPSTREAM_ERROR,
+        return FetchError(HTTPStatus.BAD_GATEWAY, FetchError.UPSTREAM_ERROR,
                           f"{shown}: {self.detail} ({tries})")
 
 
@@ -714,7 +716,7 @@ async def fetch_to_file(url: str, policy: FetchPolicy, *, deadline: float | None
     if deadline is not None:
         end = min(end, deadline)
     if end <= started:
-        raise FetchError(HTTPStatus.REQUEST_TIMEOUT, FetchError.TIMEOUT,
+        raise FetchError(HTTPStatus.GATEWAY_TIMEOUT, FetchError.TIMEOUT,
                          f"{shown}: the deadline has already passed")
     fd, name = tempfile.mkstemp(prefix=TEMP_FILE_PREFIX, dir=directory)
     path = Path(name)
@@ -730,7 +732,7 @@ async def fetch_to_file(url: str, policy: FetchPolicy, *, deadline: float | None
         except TimeoutError:
             if not budget.expired():
                 raise
-            raise FetchError(HTTPStatus.REQUEST_TIMEOUT, FetchError.TIMEOUT,
+            raise FetchError(HTTPStatus.GATEWAY_TIMEOUT, FetchError.TIMEOUT,
                              f"{shown}: not done after {time.monotonic() - started:.1f} s "
                              f"(total timeout {policy.total_timeout_s:g} s or the deadline)"
                              ) from None

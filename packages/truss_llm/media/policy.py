@@ -82,9 +82,11 @@ _NOT_PUBLIC = tuple(ipaddress.ip_network(n) for n in (
 class FetchError(Exception):
     """A fetch that did not produce the file, with what our server should answer.
 
-    `status` is the HTTP status for OUR caller (400 refused or bad URL, 408 timed out,
-    413 too large, 422 the upstream refused, failed or sent the wrong bytes); `reason` is a
-    short stable code. The message names host and path, never the query string.
+    `status` is the HTTP status for OUR caller: final ones (400 refused or bad URL, 413 too
+    large, 422 the upstream refused the request (404, 403), misbehaved or sent the wrong
+    bytes) and retryable ones (502 the upstream kept failing (5xx, dropped or refused
+    connections) through every attempt, 504 it timed out); `reason` is a short stable
+    code. The message names host and path, never the query string.
     """
 
     REFUSED = "refused"
