@@ -25,6 +25,12 @@ answers of 8 tokens; a few untimed calls warm the engine first. Compare ratios, 
 absolute numbers.
 
 Writes benchmarks/results/chain_bench.json and chain_bench.png.
+
+    .venv/bin/python benchmarks/chain_bench.py --interleaved --sizes 1 4   # ~15 minutes
+
+The map alone (the mapper's `map_chunks`, no fetch, split or reduce) against the sequential
+loop, the settings alternating every 16 chunks in rotated order, so that each sees the same
+mix of the machine's load; the ratio of summed times. Writes chain_bench_interleaved.json.
 """
 
 import argparse
@@ -73,6 +79,7 @@ ROUNDS = {1: 1, 4: 1, 16: 1}
 # chain at concurrency 1 (the same one-at-a-time calls, as 1 and 4 MB show) is left out.
 SEQUENTIAL_SAMPLE_EVERY = {16: 8}
 SKIPPED = {16: {1}}
+INTERLEAVE_SLICE_CHUNKS = 16
 STAGES = ("fetch_s", "split_s", "map_s", "reduce_s", "total_s")
 MAX_OUTPUT_TOKENS = 8
 QUESTION = "Which deployment?"
@@ -85,6 +92,10 @@ WORDS = ("streaming assistant function arguments integer boolean temperature fah
 CHAIN_ENV = {"TRUSS_LLM_CHAIN_CONTEXT_TOKENS": str(CONTEXT_TOKENS), **LOOPBACK_MEDIA}
 ENGINE_ENV = {"TRUSS_LLM_ENGINE_MAX_MODEL_LEN": str(CONTEXT_TOKENS),
               "TRUSS_LLM_ENGINE_KV_CACHE_MEMORY_BYTES": str(KV_CACHE_BYTES)}
+# With --interleaved the same chunks are mapped four times within minutes: vLLM's prefix
+# cache would hand every setting but the first a free prefill. A real run never repeats a
+# prompt, so the cache is off there.
+INTERLEAVED_ENGINE_ENV = {**ENGINE_ENV, "TRUSS_LLM_ENGINE_ENABLE_PREFIX_CACHING": "false"}
 
 
 def make_document(size: int, seed: int) -> bytes:
@@ -99,7 +110,8 @@ def make_document(size: int, seed: int) -> bytes:
     return "\n\n".join(paragraphs).encode()[:size]
 
 
-async def sequential(chunks: list[str], model_base: str) -> float:
+async def sequential(chunks: list[str], model_base: str, first: int = 0,
+                     total: int | None = None) -> float:
     """The same map calls, one after another; seconds."""
     from doc_config import chain_settings
     from doc_llm import ChatEndpoint, LocalModel, chat, new_client
@@ -112,10 +124,65 @@ async def sequential(chunks: list[str], model_base: str) -> float:
     deadline = time.monotonic() + 3600
     async with new_client(1) as client:
         started = time.monotonic()
-        for number, chunk in enumerate(chunks, 1):
-            await chat(client, endpoint, map_messages(chunk, number, len(chunks), QUESTION),
-                       call, deadline)
+        for number, chunk in enumerate(chunks, first + 1):
+            await chat(client, endpoint, map_messages(chunk, number, total or len(chunks),
+                                                      QUESTION), call, deadline)
         return time.monotonic() - started
+
+
+async def mapped(chunks: list[str], model_base: str, first: int, total: int,
+                 concurrency: int) -> float:
+    """The mapper's own step (`map_chunks`) on these chunks; seconds."""
+    from doc_config import chain_settings
+    from doc_llm import ChatEndpoint, LocalModel, new_client
+    from doc_mapreduce import map_chunks
+    from doc_schemas import CallOptions, MapRequest
+
+    endpoint = ChatEndpoint.from_handle(LocalModel(model_base), chain_settings().model_name)
+    request = MapRequest(chunks=chunks, first_index=first, total_chunks=total,
+                         concurrency=concurrency, deadline_unix=time.time() + 3600,
+                         call=CallOptions(question=QUESTION, max_output_tokens=MAX_OUTPUT_TOKENS,
+                                          temperature=0.0, max_attempts=1))
+    async with new_client(concurrency) as client:
+        started = time.monotonic()
+        result = await map_chunks(client, endpoint, request)
+        elapsed = time.monotonic() - started
+    assert all(r.text is not None for r in result.results)
+    return elapsed
+
+
+def interleaved(sizes: tuple[int, ...], model_base: str) -> list[dict[str, Any]]:
+    """The map alone, sequential and at each concurrency, alternating slice by slice.
+
+    The load on a shared machine swings within minutes; alternating the settings every
+    INTERLEAVE_SLICE_CHUNKS chunks (in rotated order) gives each the same mix of it, so the
+    ratio of the summed times is paired at that grain rather than over whole runs.
+    """
+    rows = []
+    for size_mb in sizes:
+        chunks = split_like_the_chain(make_document(size_mb * MB, seed=size_mb))
+        settings: list[Any] = ["sequential", *CONCURRENCIES]
+        totals = dict.fromkeys(settings, 0.0)
+        for k, first in enumerate(range(0, len(chunks), INTERLEAVE_SLICE_CHUNKS)):
+            piece = chunks[first:first + INTERLEAVE_SLICE_CHUNKS]
+            shift = k % len(settings)
+            for setting in settings[shift:] + settings[:shift]:
+                if setting == "sequential":
+                    totals[setting] += asyncio.run(sequential(piece, model_base, first,
+                                                              len(chunks)))
+                else:
+                    totals[setting] += asyncio.run(mapped(piece, model_base, first,
+                                                          len(chunks), setting))
+        row = {"size_mb": size_mb, "chunks": len(chunks),
+               "sequential_s": round(totals["sequential"], 3),
+               "map_s": {str(c): round(totals[c], 3) for c in CONCURRENCIES},
+               "speedup": {str(c): round(totals["sequential"] / totals[c], 2)
+                           for c in CONCURRENCIES},
+               "chunks_per_s": {str(c): round(len(chunks) / totals[c], 2)
+                                for c in CONCURRENCIES}}
+        print(row, flush=True)
+        rows.append(row)
+    return rows
 
 
 def split_like_the_chain(document: bytes) -> list[str]:
@@ -252,10 +319,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES_MB),
                         help="document sizes in MB")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="the map alone, settings alternating every few chunks "
+                        "(chain_bench_interleaved.json)")
     args = parser.parse_args()
     os.environ.update(CHAIN_ENV)
     workdir = Path(tempfile.mkdtemp(prefix="chain-bench-"))
-    server = start_server(workdir / "server.log", extra_env=ENGINE_ENV)
+    server = start_server(workdir / "server.log",
+                          extra_env=INTERLEAVED_ENGINE_ENV if args.interleaved else ENGINE_ENV)
     moto_port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
     moto.start()
@@ -269,6 +340,16 @@ def main() -> None:
         s3.create_bucket(Bucket=BUCKET)
         model_base = f"{server.base_url}/environments/production"
         asyncio.run(sequential(["warm-up " * 100] * WARMUP_CALLS, model_base))
+        if args.interleaved:
+            report = {"command": "python benchmarks/chain_bench.py " + " ".join(sys.argv[1:]),
+                      "slice_chunks": INTERLEAVE_SLICE_CHUNKS, "prefix_caching": False,
+                      "context_tokens": CONTEXT_TOKENS, "max_output_tokens": MAX_OUTPUT_TOKENS,
+                      "rows": interleaved(tuple(args.sizes), model_base),
+                      "elapsed_s": round(time.monotonic() - started, 1),
+                      "load_average": os.getloadavg()}
+            (RESULTS / "chain_bench_interleaved.json").write_text(
+                json.dumps(report, indent=2) + "\n")
+            return
         rows = measure(tuple(args.sizes), model_base, s3, lambda rows: save(rows, started))
     finally:
         moto.stop()
