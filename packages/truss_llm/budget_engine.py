@@ -132,8 +132,9 @@ class BudgetedEngineClient:
     async def _bounded(self, outputs: AsyncIterator[Any], request_id: str,
                        deadline: Deadline) -> AsyncIterator[Any]:
         # One timer a request, nothing per token: this sits on every stream's hot path.
-        timer = asyncio.get_running_loop().call_at(deadline.at, self._expire, request_id,
-                                                   deadline)
+        # (A delay, not `call_at`: uvloop's clock need not be `time.monotonic`'s.)
+        timer = asyncio.get_running_loop().call_later(
+            max(0.0, deadline.remaining()), self._expire, request_id, deadline)
         try:
             async for out in outputs:
                 if out.finished:
