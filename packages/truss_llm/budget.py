@@ -85,7 +85,7 @@ def budget_settings(config: Mapping[str, Any], environ: Mapping[str, str] | None
 
 @dataclass
 class Deadline:
-    """One request's deadline (on the `time.monotonic` clock, which asyncio's loop uses)."""
+    """One request's deadline, on the `time.monotonic` clock."""
 
     at: float
     budget_s: float
