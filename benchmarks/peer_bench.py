@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,8 @@ def disturbed(run: dict[str, Any], limit: float) -> bool:
 
 async def measure(targets: dict[str, loadgen.Target], levels: list[int], rounds: int,
                   foreign: servers.ForeignCpu, per_stream: int, max_foreign: float,
-                  max_repeats: int) -> dict[str, Any]:
+                  max_repeats: int, save: Callable[[dict[str, Any]], None]
+                  ) -> dict[str, Any]:
     """Every level, `rounds` rounds of every target in alternating order. A round in which
     some run was disturbed (see `disturbed`) is run again, up to `max_repeats` times per
     level; the discarded rounds stay in the JSON, marked."""
@@ -168,6 +170,14 @@ async def measure(targets: dict[str, loadgen.Target], levels: list[int], rounds:
                     continue
                 runs.extend(this_round)
                 rnd += 1
+            # Saved after every level: a run cut short still leaves what it measured.
+            save(measured(prompts, runs, discarded, names))
+    return measured(prompts, runs, discarded, names)
+
+
+def measured(prompts: loadgen.PromptFactory, runs: list[dict[str, Any]],
+             discarded: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    levels = sorted({r["level"] for r in runs})
     summary = {str(level): summarize_level([r for r in runs if r["level"] == level], names)
                for level in levels}
     return {"prompts": loadgen.prompt_info(prompts), "runs": runs,
@@ -325,9 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline_h11:
             report["servers"]["truss-llm-h11"]["env"] = H11_ENV
         foreign = servers.ForeignCpu(set().union(*(s.pids() for s in started_servers)))
+        def save(partial: dict[str, Any]) -> None:
+            args.out.write_text(json.dumps(loadgen.rounded({**report, **partial}), indent=2)
+                                + "\n")
+
         report.update(asyncio.run(measure(targets, args.concurrency, args.rounds, foreign,
                                           args.requests_per_stream, args.max_foreign,
-                                          args.max_repeats)))
+                                          args.max_repeats, save)))
         # The measurement is saved before profiling: a failed profile must not lose it.
         args.out.write_text(json.dumps(loadgen.rounded(report), indent=2) + "\n")
         if args.profile_s > 0:
