@@ -1,6 +1,6 @@
 """The document chain on 1, 4 and 16 MB documents, against sequential calls over the same chunks.
 
-    .venv/bin/python benchmarks/chain_bench.py     # about 15 minutes on 2 busy cores
+    .venv/bin/python benchmarks/chain_bench.py     # about 25 minutes on 2 busy cores
 
 Every setting of a size runs back to back, in an order rotated from size to size, so that
 drift in the machine's load does not favour one of them. One round each: the machine is
@@ -26,7 +26,7 @@ absolute numbers.
 
 Writes benchmarks/results/chain_bench.json and chain_bench.png.
 
-    .venv/bin/python benchmarks/chain_bench.py --interleaved --sizes 1 4   # ~15 minutes
+    .venv/bin/python benchmarks/chain_bench.py --interleaved --sizes 1 4   # about 23 minutes
 
 The map alone (the mapper's `map_chunks`, no fetch, split or reduce) against the sequential
 loop, the settings alternating every 16 chunks in rotated order, so that each sees the same
