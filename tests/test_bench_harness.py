@@ -106,8 +106,11 @@ def test_fit_is_capped_by_the_context() -> None:
 
 def _level(tokens_per_s: float, ttft: float) -> dict:
     dist = {"p50": ttft, "p90": ttft, "p95": ttft, "p99": ttft, "mean": ttft}
+    # One stream of 128-token requests, the median one lasting 128 / tokens_per_s.
+    e2e = {key: 128 / tokens_per_s for key in dist}
     return {"output_tokens_per_s": tokens_per_s, "requests_per_s": tokens_per_s / 128,
-            "ttft_s": dist, "tpot_s": dist, "e2e_s": dist, "errors": 0}
+            "ttft_s": dist, "tpot_s": dist, "e2e_s": e2e, "errors": 0, "concurrency": 1,
+            "output_tokens_per_request": {"min": 128, "max": 128, "mean": 128.0}}
 
 
 def test_peer_ratios_are_paired_within_a_round() -> None:
@@ -121,6 +124,8 @@ def test_peer_ratios_are_paired_within_a_round() -> None:
     assert ratios["output_tokens_per_s"]["median"] == pytest.approx(1.1)
     assert ratios["output_tokens_per_s"]["min"] == pytest.approx(0.9)
     assert ratios["goal_tokens_met"] is True
+    # Little's law on the median latency gives the same throughput here.
+    assert ratios["typical_tokens_per_s"]["median"] == pytest.approx(1.1)
     assert ratios["ttft_p50"]["median"] == pytest.approx(1.2)
     assert ratios["goal_ttft_met"] is False
     assert summary["per_target"][peer_bench.PEER]["output_tokens_per_s"] == 100
