@@ -18,7 +18,7 @@ import pytest
 from conftest import MODEL_NAME, Server, start_server, stop_server
 
 FLOOD = 24
-TOKENS = 400  # about a second a request: the flood overlaps
+TOKENS = 2000  # seconds a request: the whole flood arrives while the first ones run
 BODY = {"model": MODEL_NAME, "max_tokens": TOKENS, "ignore_eos": True, "stream": True,
         "messages": [{"role": "user", "content": "Count to a thousand."}]}
 # An admitted request waits at most for the running batch to finish: its time to first
@@ -30,7 +30,8 @@ TTFT_FACTOR = 3.0
 @pytest.fixture(scope="module")
 def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server(tmp_path_factory.mktemp("admission") / "server.log",
-                       extra_env={"TRUSS_LLM_ENGINE_MAX_NUM_SEQS": "2"})
+                       extra_env={"TRUSS_LLM_ENGINE_MAX_NUM_SEQS": "2",
+                                  "TRUSS_LLM_ENGINE_MAX_MODEL_LEN": "4096"})
     yield srv
     stop_server(srv)
 

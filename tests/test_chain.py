@@ -369,7 +369,8 @@ def test_a_4xx_from_the_model_is_not_retried(flaky: FlakyModel) -> None:
 
 def test_deadline_passing_mid_map(server: Server, model_base: str) -> None:
     deadline_s = 4.0
-    request = ChainRequest(text=make_document(512 * 1024, seed=11), options=ChainOptions(
+    # Far more map work than 4 s holds, even on a quiet machine (~670 chunks, 2 at a time).
+    request = ChainRequest(text=make_document(2 * 1024 * 1024, seed=11), options=ChainOptions(
         max_output_tokens=8, map_concurrency=2, deadline_s=deadline_s, failure_policy="fail"))
     started = time.monotonic()
     detail = expect_http_error(request, model_base, 504)

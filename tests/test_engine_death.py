@@ -30,7 +30,9 @@ from conftest import (
     wait_for_status,
 )
 
-LONG = {"model": MODEL_NAME, "max_tokens": 480, "n": 4, "ignore_eos": True,
+# Seconds of work on any machine (decoding steps, not n, make it long), in a raised context.
+LONG_CONTEXT = {"TRUSS_LLM_ENGINE_MAX_MODEL_LEN": "4096"}
+LONG = {"model": MODEL_NAME, "max_tokens": 3000, "n": 4, "ignore_eos": True,
         "temperature": 1.0, "messages": [{"role": "user", "content": "Tell a long story."}]}
 SHORT = {"model": MODEL_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
 # The runner serves again within this long after the kill (an engine start on 2 busy cores).
@@ -68,7 +70,7 @@ def assert_clear_error(status: int, headers: dict, text: str, streamed: bool) ->
 
 
 def test_runner_restarts_a_dead_engine_and_keeps_its_queue(tmp_path: Path) -> None:
-    server = start_server(tmp_path / "server.log")
+    server = start_server(tmp_path / "server.log", extra_env=LONG_CONTEXT)
     try:
         _kill_under_load_then_recover(server)
     finally:
@@ -126,7 +128,8 @@ def test_a_deployment_exits_when_its_engine_dies(tmp_path: Path) -> None:
     script = tmp_path / "deployed.py"
     script.write_text(DEPLOYED)
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO / "packages"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **LONG_CONTEXT, "PYTHONPATH": str(REPO / "packages"),
+           "PYTHONUNBUFFERED": "1"}
     env.pop("TRUSS_LLM_EXIT_ON_ENGINE_DEATH", None)
     log = (tmp_path / "server.log").open("w")
     process = subprocess.Popen([sys.executable, str(script), str(REPO), str(port)], env=env,

@@ -1,7 +1,7 @@
 """Limits, auth and the async queue's semantics on a runner with compressed limits.
 
 This module's runner has an API key, one async worker (so queue order is observable), a
-1 s sync timeout and a 1 s async run time: a long generation (480 tokens, n=12) runs past
+1 s sync timeout and a 1 s async run time: a long generation (3,000 tokens, n=4) runs past
 both, a short one (4 tokens) stays well inside. It does not tell the model its budget
 (`forward_budget` off), as with a model that knows nothing of budgets: so its limits are
 the runner's own, Baseten's last resort (test_budget.py tests the model keeping inside them).
@@ -31,8 +31,10 @@ from websockets.sync.client import connect as ws_connect
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Api-Key {KEY}"}
 SHORT = {"model": MODEL_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
-# ~6,000 tokens: seconds on this machine even on the fast HTTP stack, far past the 1 s limits.
-LONG = {**SHORT, "max_tokens": 480, "n": 12, "ignore_eos": True, "temperature": 1.0}
+# 3,000 decoding steps (n sequences share a step, so only length makes it long): seconds on
+# any machine, far past the 1 s limits. The server's context is raised to hold it.
+LONG = {**SHORT, "max_tokens": 3000, "n": 4, "ignore_eos": True, "temperature": 1.0}
+LONG_CONTEXT = {"TRUSS_LLM_ENGINE_MAX_MODEL_LEN": "4096"}
 MB = 1000 * 1000
 
 
@@ -41,7 +43,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server(
         tmp_path_factory.mktemp("limited") / "server.log", "--workers", "1",
         "--sync-timeout", "1", api_key=KEY,
-        extra_env={"TRUSS_LLM_RUNNER_ASYNC_RUN_TIMEOUT_S": "1",
+        extra_env={**LONG_CONTEXT, "TRUSS_LLM_RUNNER_ASYNC_RUN_TIMEOUT_S": "1",
                    "TRUSS_LLM_RUNNER_FORWARD_BUDGET": "false",
                    "TRUSS_LLM_RUNNER_WEBHOOK_ATTEMPTS": "2",
                    "TRUSS_LLM_RUNNER_WEBHOOK_BACKOFF_S": "0.1"})
