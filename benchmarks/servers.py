@@ -139,17 +139,24 @@ def launched(name: str, command: list[str], env: dict[str, str], port: int, read
 
 
 def stop(server: ServerProcess) -> None:
+    stop_process(server.process, server.children)
+
+
+def stop_process(process: subprocess.Popen, children: list[psutil.Process]) -> None:
+    """SIGINT (Ctrl-C) by PID, a bounded wait, then kill what it started and left behind."""
     try:
-        children = server.children or psutil.Process(server.pid).children(recursive=True)
+        children = children or psutil.Process(process.pid).children(recursive=True)
     except psutil.Error:
         children = []
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGINT)
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
         try:
-            server.process.wait(STOP_TIMEOUT_S)
+            process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
+            print(f"server pid {process.pid} ignored SIGINT for {STOP_TIMEOUT_S} s; "
+                  "killing it", flush=True)
+            process.kill()
+            process.wait()
     _, alive = psutil.wait_procs(children, timeout=10)
     for leftover in alive:  # only processes this server started, by PID
         try:

@@ -47,8 +47,6 @@ import os
 import platform
 import random
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -64,12 +62,12 @@ from typing import Any
 import httpx
 import loadgen
 import psutil
+import servers
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 MODEL = "tiny-chat"
 READY_TIMEOUT_S = 300
-STOP_TIMEOUT_S = 30
 DIRECT = "/v1/chat/completions"
 SURFACE = "/environments/production/sync/v1/chat/completions"
 ROUTES = {"direct": DIRECT, "surface": SURFACE}
@@ -125,12 +123,6 @@ async def run_pool(n: int, concurrency: int, job: Callable[[int], Awaitable[None
 
 
 # -- the server ----------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class Server:
     base_url: str
@@ -158,7 +150,7 @@ def running_server(log_dir: Path, name: str, workers: int, log_level: str = "INF
                    ) -> Iterator[Server]:
     """`truss-llm serve` on 127.0.0.1 with its own temporary state dir; on exit (error or
     not) it gets SIGINT by PID, is waited for, and its state dir is deleted."""
-    port = free_port()
+    port = servers.free_port()
     state_dir = Path(tempfile.mkdtemp(prefix=f"surface-bench-{name}-state-"))
     log_path = log_dir / f"{name}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -198,24 +190,7 @@ def running_server(log_dir: Path, name: str, workers: int, log_level: str = "INF
 
 
 def stop_server(server: Server) -> None:
-    try:
-        children = server.children or psutil.Process(server.process.pid).children(
-            recursive=True)
-    except psutil.Error:
-        children = []
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGINT)
-        try:
-            server.process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            print(f"server pid {server.process.pid} ignored SIGINT for {STOP_TIMEOUT_S} s; "
-                  "killing it", flush=True)
-            server.process.kill()
-            server.process.wait()
-    _, alive = psutil.wait_procs(children, timeout=10)
-    for leftover in alive:  # only processes this server started, by PID
-        print(f"killing leftover pid {leftover.pid}", flush=True)
-        with_suppressed_psutil(leftover.kill)
+    servers.stop_process(server.process, server.children)
 
 
 def with_suppressed_psutil(call: Any) -> None:
