@@ -42,6 +42,13 @@ class RequestError(Exception):
         return None if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
 
 
+def at_capacity() -> RequestError:
+    """429 with Retry-After: the model runs and queues all it may; back off and retry."""
+    return RequestError("The model is at capacity: too many requests running and waiting. "
+                        "Retry shortly.", HTTPStatus.TOO_MANY_REQUESTS,
+                        retry_after_s=BUSY_RETRY_AFTER_S)
+
+
 def engine_unavailable(detail: str = "its engine stopped") -> RequestError:
     """503 with Retry-After: the replica cannot serve now (dead engine, restarting or
     scaled to zero), and a retry soon can succeed."""
@@ -109,9 +116,7 @@ def error_from_exception(exc: BaseException) -> RequestError:
     if isinstance(exc, QueueOverflowError | MaxQueuedTokensError):
         # vLLM's admission control says 503; it is the client's rate to lower, not a
         # failure: OpenAI's and Baseten's clients back off on a 429 with Retry-After.
-        return RequestError("The model is at capacity: too many requests running and "
-                            "waiting. Retry shortly.", HTTPStatus.TOO_MANY_REQUESTS,
-                            retry_after_s=BUSY_RETRY_AFTER_S)
+        return at_capacity()
     if isinstance(exc, EngineDeadError):  # never a 500: the platform or runner restarts it
         logger.error("request failed: the vLLM engine is dead")
         return engine_unavailable()

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request
 
 from truss_llm import budget
+from truss_llm.admission import Admission
 from truss_llm.budget import BudgetSettings, Deadline
 from truss_llm.budget_engine import BudgetedEngineClient
 from truss_llm.cancellation import ClientDisconnected, run_until_disconnected
@@ -157,6 +158,7 @@ class OpenAISurface:
         self._chat = None
         self._completion = None
         self._models = None
+        self._admission: Admission | None = None
         engine.on_ready(self._build_serving)
 
     @property
@@ -207,6 +209,7 @@ class OpenAISurface:
             budgeted, models, online_renderer=renderer, request_logger=None,
             enable_prompt_tokens_details=True)
         self._models = models
+        self._admission = Admission(client.vllm_config.scheduler_config.max_num_queued_reqs)
         tokenizer = client.renderer.tokenizer
         multimodal = client.model_config.is_multimodal_model
         self._media = MediaResolver(
@@ -284,14 +287,23 @@ class OpenAISurface:
             deadline = budget.deadline_for(request.headers, self._budget, arrived)
             body = await read_json_object(request)
             await self._engine.ensure_ready()
+            # Checked and counted with no await between: a burst is counted as it comes.
+            self._admission.enter()
             # The task that runs `create` copies this context: the engine wrapper finds the
             # deadline there when vLLM starts the generation.
             token = budget.enter(deadline)
             try:
                 # Streams are cancelled by Starlette on disconnect; the rest is raced here.
                 result = await run_until_disconnected(create(body, request), request)
+            except BaseException:
+                self._admission.leave()
+                raise
             finally:
                 budget.leave(token)
+            if hasattr(result, "__anext__"):
+                result = self._admission.until_done(result)
+            else:
+                self._admission.leave()
         except ClientDisconnected:
             logger.info("client disconnected; engine request aborted")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
