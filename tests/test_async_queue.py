@@ -492,6 +492,7 @@ def test_four_threads_never_claim_the_same_request(queue: AsyncQueue) -> None:
             while (job := queue.claim_next()) is not None:
                 mine.append(job.request_id)
                 queue.complete(job.request_id, None)
+                time.sleep(0)  # yield the GIL: one fast thread must not drain the queue alone
         except BaseException as exc:  # surfaced below; a thread cannot fail the test
             errors.append(exc)
 
