@@ -14,8 +14,8 @@ import httpx
 import pytest
 from conftest import BUCKET, MODEL_NAME, Server
 from truss_llm.media.parts import DOCUMENT_TEMPLATE
-from truss_llm.media.storage import S3Store
-from truss_llm.media.upload import attach_file, fit_request
+from truss_llm.media_client.storage import S3Store
+from truss_llm.media_client.upload import attach_file, fit_request
 
 MB = 1000 * 1000
 NOTES = ("Queue status: 12 requests waiting, 3 in progress. The weather in Oslo is cold. "

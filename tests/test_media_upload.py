@@ -26,9 +26,9 @@ import httpx
 import pytest
 from conftest import BUCKET, REGION
 from truss_llm.cli import main as cli_main
-from truss_llm.media.client_cli import parse_size
-from truss_llm.media.storage import MULTIPART_CHUNK_BYTES, S3_PRESIGN_MAX_EXPIRY_S, S3Store
-from truss_llm.media.upload import (
+from truss_llm.media_client.client_cli import parse_size
+from truss_llm.media_client.storage import MULTIPART_CHUNK_BYTES, S3_PRESIGN_MAX_EXPIRY_S, S3Store
+from truss_llm.media_client.upload import (
     ASYNC_MODEL_INPUT_LIMIT_BYTES,
     DEFAULT_ASYNC_THRESHOLD_BYTES,
     DEFAULT_SYNC_THRESHOLD_BYTES,

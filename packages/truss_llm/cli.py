@@ -22,7 +22,7 @@ import httpx
 import pydantic
 
 from truss_llm.engine import EXIT_ON_DEATH_ENV
-from truss_llm.media.client_cli import add_send_command
+from truss_llm.media_client.client_cli import add_send_command
 from truss_llm.runner.settings import RunnerSettings, env_overrides, is_loopback
 from truss_llm.truss_app import DEFAULT_HOST, DEFAULT_PORT, build_server, load_truss_config
 

@@ -1,6 +1,6 @@
 """`truss-llm send`: send a chat request to a deployed model, big attachments by S3 URL.
 
-Registered on the main CLI by `add_send_command`; `python -m truss_llm.media.client_cli
+Registered on the main CLI by `add_send_command`; `python -m truss_llm.media_client.client_cli
 send ...` runs it on its own. Progress and what was uploaded go to stderr, the model's
 answer to stdout, so `... > answer.json` keeps only the answer.
 """
@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from truss_llm.media.storage import DEFAULT_PREFIX, S3Store
-from truss_llm.media.upload import (
+from truss_llm.media_client.storage import DEFAULT_PREFIX, S3Store
+from truss_llm.media_client.upload import (
     DEFAULT_ASYNC_THRESHOLD_BYTES,
     DEFAULT_MAX_TIME_IN_QUEUE_S,
     DEFAULT_SYNC_THRESHOLD_BYTES,

@@ -34,7 +34,7 @@ from urllib.parse import unquote_to_bytes, urlsplit, urlunsplit
 
 import httpx
 
-from truss_llm.media.storage import S3_PRESIGN_MAX_EXPIRY_S, ObjectStore
+from truss_llm.media_client.storage import S3_PRESIGN_MAX_EXPIRY_S, ObjectStore
 
 logger = logging.getLogger(__name__)
 
