@@ -167,8 +167,11 @@ def test_overdue_requests_expire_instead_of_running(queue: AsyncQueue) -> None:
     assert record.status is AsyncStatus.EXPIRED
     assert record.errors[0].code == AsyncErrorCode.EXPIRED == "EXPIRED"
     assert "10 s" in record.errors[0].message
-    # claim_next never runs an overdue request; it expires it on the way.
+    # claim_next never runs an overdue request, and leaves it to expire_overdue, which
+    # hands it back for its webhook (a claim that expired it would lose the webhook).
     assert queue.claim_next(now=T0 + 25) is None
+    assert queue.get(later).status is AsyncStatus.QUEUED
+    assert [j.request_id for j in queue.expire_overdue(now=T0 + 25)] == [later]
     assert queue.get(later).status is AsyncStatus.EXPIRED
     assert queue.queue_status().num_queued_requests == 0
 

@@ -21,6 +21,10 @@ Lifecycle of a request (status / webhook_status):
     cancel (QUEUED only)    CANCELED     / CANCELED if a webhook was given
     set_webhook_result      webhook SUCCEEDED, or FAILED and status WEBHOOK_FAILED
 
+A store that fails (a lock another process holds past the busy timeout, a full disk) fails
+the call with QueueUnavailable, after rolling back its transaction; every write's outcome
+feeds `health` (store_health.py), which readiness and async_predict consult.
+
 Times are Unix seconds (`time.time()`, which survives a restart where a monotonic clock does
 not); every method that depends on the time takes an optional `now` so tests need no sleeps.
 """
@@ -34,7 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +54,7 @@ from .models import (
     QueueStatus,
     WebhookStatus,
 )
+from .store_health import StoreHealth, error_name, is_full, is_store_error
 
 __all__ = [
     "MAX_ACTIVE_REQUESTS",
@@ -60,6 +65,7 @@ __all__ = [
     "Job",
     "PayloadTooLargeError",
     "QueueFullError",
+    "QueueUnavailable",
 ]
 
 MiB = 1024 * 1024
@@ -80,8 +86,13 @@ BACKOFF_JITTER = 0.25
 # A request whose runner died this many times while running it is failed instead of being
 # requeued again: a request that crashes the process must not crash it forever.
 MAX_CRASH_RECOVERIES = 3
-# How long a writer from another process may hold the database before we give up.
-BUSY_TIMEOUT_S = 30.0
+# How long a write waits for the database's lock (held by another process, or by another
+# writer here) before it fails as a store error: a client's async_predict waits this long.
+BUSY_TIMEOUT_S = 5.0
+# What a 503 from an unavailable store tells the client to wait (about a worker's backoff).
+STORE_RETRY_AFTER_S = 5
+# Settled requests deleted per transaction, so a purge never holds the write lock for long.
+PURGE_BATCH = 500
 # FULL: an fsync of the WAL per commit, so a request_id handed to a client survives an OS
 # crash or power loss too. NORMAL in WAL mode would already survive kill -9 (a commit is in
 # the WAL file, in the page cache, before COMMIT returns; only the OS going down can drop the
@@ -100,6 +111,9 @@ _Q = AsyncStatus.QUEUED.value
 _FINISHED_SQL = ", ".join(f"'{s.value}'" for s in FINISHED)
 _TABLE = "async_requests"
 _CLAIM_INDEX = f"queued_by_priority_{PRIORITY_ORDER.lower()}"
+# Settled: nothing left to do for the request (run, webhook), so it may be purged.
+_SETTLED = f"status NOT IN ('{_Q}', 'IN_PROGRESS') AND webhook_status != 'PENDING'"
+_SETTLED_INDEX = "settled_by_status_at"
 
 _SCHEMA = [
     f"""CREATE TABLE IF NOT EXISTS {_TABLE} (
@@ -136,6 +150,8 @@ _SCHEMA = [
         ON {_TABLE}(seq) WHERE status = '{AsyncStatus.IN_PROGRESS.value}'""",
     f"""CREATE INDEX IF NOT EXISTS webhook_pending
         ON {_TABLE}(seq) WHERE webhook_status = 'PENDING' AND status IN ({_FINISHED_SQL})""",
+    # The purge's order: oldest settled first, without a scan of the whole table.
+    f"CREATE INDEX IF NOT EXISTS {_SETTLED_INDEX} ON {_TABLE}(status_at) WHERE {_SETTLED}",
     # Counts per status kept by triggers, so the queue status and the active-request limit
     # cost O(1) instead of a count over every queued row.
     "CREATE TABLE IF NOT EXISTS status_counts (status TEXT PRIMARY KEY, n INTEGER NOT NULL)",
@@ -162,6 +178,19 @@ class QueueFullError(Exception):
 
 class PayloadTooLargeError(ValueError):
     """model_input serializes to more than MAX_MODEL_INPUT_BYTES; the HTTP layer answers 413."""
+
+
+class QueueUnavailable(Exception):
+    """The store failed (locked past the busy timeout, disk full, I/O error) or has been
+    failing for long (`health`): the HTTP layer answers 503 with `headers`."""
+
+    def __init__(self, message: str, retry_after_s: int = STORE_RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class InvalidTransitionError(Exception):
@@ -241,7 +270,10 @@ class AsyncQueue:
     def __init__(self, path: Path, model_id: str, deployment_id: str, *,
                  max_active_requests: int | None = MAX_ACTIVE_REQUESTS,
                  synchronous: Literal["NORMAL", "FULL"] = DEFAULT_SYNCHRONOUS,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, busy_timeout_s: float = BUSY_TIMEOUT_S,
+                 max_bytes: int | None = None, health: StoreHealth | None = None) -> None:
+        """`max_bytes` caps the database file (SQLite's max_page_count): past it a write
+        fails as a full disk would, with QueueUnavailable, instead of filling the disk."""
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
         self.path = Path(path)
@@ -250,6 +282,9 @@ class AsyncQueue:
         self.max_active_requests = max_active_requests
         self._synchronous = synchronous
         self._rng = rng or random.Random()
+        self._busy_timeout_s = busy_timeout_s
+        self._max_bytes = max_bytes
+        self.health = health or StoreHealth()
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
@@ -266,38 +301,82 @@ class AsyncQueue:
             if self._closed:
                 raise RuntimeError("the queue is closed")
             # Autocommit mode: transactions are the explicit BEGIN IMMEDIATE of `_write`.
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s,
+                                   isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            if self._max_bytes is not None:  # a per-connection setting, not the file's
+                page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+                conn.execute(f"PRAGMA max_page_count = {max(1, self._max_bytes // page_size)}")
             self._local.conn = conn
             with self._connections_lock:
                 self._connections.append(conn)
         return conn
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, operation: str) -> Iterator[sqlite3.Connection]:
         """One write transaction, holding the database's write lock from its first statement.
 
         BEGIN IMMEDIATE (rather than a deferred BEGIN that upgrades on the first write) means
         a claim's SELECT and UPDATE see the same queue and no other writer slips in between.
+        Whatever fails, COMMIT included, is rolled back, so a connection never keeps the write
+        lock; a store error counts against `health` and is raised as QueueUnavailable.
         """
-        conn = self._conn()
-        with self._write_lock:
+        # Bounded like SQLite's own wait: behind a stuck writer, fail rather than pile up.
+        if not self._write_lock.acquire(timeout=self._busy_timeout_s):
+            self.health.failed(operation, "WRITE_LOCK_WAIT", "another write here is stuck")
+            raise QueueUnavailable(f"The async queue is unavailable: its store stayed busy "
+                                   f"for {self._busy_timeout_s:g} s. Retry shortly.")
+        try:
+            conn = self._conn()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
-            conn.execute("COMMIT")
+        except Exception as exc:
+            if not is_store_error(exc):
+                raise
+            raise self._store_failed(operation, exc) from exc
+        else:
+            self.health.succeeded()
+        finally:
+            self._write_lock.release()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A read: a store error is raised as QueueUnavailable (it does not judge health,
+        since reads in WAL mode go on while every write fails)."""
+        try:
+            yield self._conn()
+        except Exception as exc:
+            if not is_store_error(exc):
+                raise
+            raise QueueUnavailable(f"The async queue is unavailable: reading its store "
+                                   f"failed ({_detail(exc)}).") from exc
+
+    def _store_failed(self, operation: str, exc: BaseException) -> QueueUnavailable:
+        name, detail = error_name(exc), _detail(exc)
+        self.health.failed(operation, name, detail)
+        state = "is full" if is_full(name) else "failed"
+        return QueueUnavailable(f"The async queue is unavailable: its store {state} "
+                                f"({detail}). Retry shortly.")
+
+    def check_available(self) -> None:
+        """Raise QueueUnavailable while `health` says the store is unhealthy."""
+        if not self.health.healthy:
+            raise QueueUnavailable(
+                "The async queue is unavailable: its store has been failing for "
+                f"{self.health.unhealthy_after_s:g} s or more. Retry later.")
 
     def _create_schema(self) -> None:
         conn = self._conn()
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise RuntimeError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
-        with self._write() as conn:
+        with self._write("schema") as conn:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path}: schema version {version} is newer than "
@@ -348,7 +427,8 @@ class AsyncQueue:
         webhook_status = (WebhookStatus.PENDING if request.webhook_endpoint
                           else WebhookStatus.NO_WEBHOOK_PROVIDED)
         request_id = uuid.uuid4().hex
-        with self._write() as conn:
+        self.check_available()  # fail fast: no wait for a store known to be failing
+        with self._write("enqueue") as conn:
             if self.max_active_requests is not None:
                 active = self._active_count(conn)
                 if active >= self.max_active_requests:
@@ -370,7 +450,7 @@ class AsyncQueue:
         """QUEUED -> CANCELED (webhook CANCELED too, if one was given). False otherwise:
         unknown, already running, or finished."""
         now = time.time() if now is None else now
-        with self._write() as conn:
+        with self._write("cancel") as conn:
             cursor = conn.execute(
                 f"UPDATE {_TABLE} SET status = 'CANCELED', status_at = ?, webhook_status ="
                 " CASE webhook_status WHEN 'PENDING' THEN 'CANCELED' ELSE webhook_status END"
@@ -386,7 +466,7 @@ class AsyncQueue:
         until `set_webhook_result`). Retries are not expired: the request did start in time.
         """
         now = time.time() if now is None else now
-        with self._write() as conn:
+        with self._write("expire") as conn:
             return self._expire(conn, now)
 
     def _expire(self, conn: sqlite3.Connection, now: float) -> list[Job]:
@@ -404,12 +484,12 @@ class AsyncQueue:
 
         Next = lowest priority number (see PRIORITY_ORDER), then first enqueued, among
         QUEUED requests whose retry backoff (not_before) has passed. Overdue requests are
-        expired on the way rather than run; call `expire_overdue` first to get them back for
-        their webhooks (any expired here are listed by `pending_webhooks`).
+        skipped, never run, and left QUEUED for `expire_overdue`, the one place that expires
+        and hands them back for their webhooks (expiring them here would lose the webhook
+        until a restart).
         """
         now = time.time() if now is None else now
-        with self._write() as conn:
-            self._expire(conn, now)
+        with self._write("claim") as conn:
             row = conn.execute(
                 f"UPDATE {_TABLE} SET status = 'IN_PROGRESS', attempts = attempts + 1,"
                 " started_at = :now, status_at = :now"
@@ -432,7 +512,7 @@ class AsyncQueue:
         """
         now = time.time() if now is None else now
         keep = output_json is not None and len(output_json.encode()) <= MAX_STORED_OUTPUT_BYTES
-        with self._write() as conn:
+        with self._write("complete") as conn:
             row = conn.execute(
                 f"UPDATE {_TABLE} SET status = 'SUCCEEDED', status_at = ?,"
                 " output = CASE webhook_status WHEN 'PENDING' THEN ? END"
@@ -451,7 +531,7 @@ class AsyncQueue:
         `retryable=False` fails at once (for errors a retry cannot fix, like bad input).
         """
         now = time.time() if now is None else now
-        with self._write() as conn:
+        with self._write("fail") as conn:
             row = conn.execute(
                 f"SELECT attempts, max_attempts, initial_delay_ms, max_delay_ms FROM {_TABLE}"
                 " WHERE request_id = ? AND status = 'IN_PROGRESS'", (request_id,)).fetchone()
@@ -483,7 +563,7 @@ class AsyncQueue:
         else:
             assignments = ("webhook_status = 'FAILED', status = CASE WHEN status IN"
                            f" ({replaced}) THEN 'WEBHOOK_FAILED' ELSE status END")
-        with self._write() as conn:
+        with self._write("webhook_result") as conn:
             cursor = conn.execute(
                 f"UPDATE {_TABLE} SET {assignments}, output = NULL, status_at = ?"
                 f" WHERE request_id = ? AND webhook_status = 'PENDING'"
@@ -504,7 +584,7 @@ class AsyncQueue:
         now = time.time() if now is None else now
         message = (f"The runner stopped while running this request {MAX_CRASH_RECOVERIES + 1}"
                    " times; it is not retried again.")
-        with self._write() as conn:
+        with self._write("recover") as conn:
             conn.execute(
                 f"UPDATE {_TABLE} SET status = 'FAILED', status_at = ?, errors = ?,"
                 " crash_count = crash_count + 1"
@@ -519,27 +599,30 @@ class AsyncQueue:
     def pending_webhooks(self) -> list[Job]:
         """Finished requests (SUCCEEDED, FAILED, EXPIRED) whose webhook is still PENDING,
         oldest first: what a restarted runner must still deliver."""
-        rows = self._conn().execute(
-            f"SELECT {_COLUMNS} FROM {_TABLE} WHERE webhook_status = 'PENDING'"
-            f" AND status IN ({_FINISHED_SQL}) ORDER BY seq").fetchall()
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM {_TABLE} WHERE webhook_status = 'PENDING'"
+                f" AND status IN ({_FINISHED_SQL}) ORDER BY seq").fetchall()
         return [Job._from_row(row) for row in rows]
 
     def next_wakeup(self, now: float | None = None) -> float | None:
         """Seconds until a queued request becomes runnable or expires (0.0 if one already
         is), or None when nothing is queued: how long an idle worker may sleep."""
         now = time.time() if now is None else now
-        row = self._conn().execute(
-            f"SELECT (SELECT MIN(not_before) FROM {_TABLE} WHERE status = '{_Q}'),"
-            f" (SELECT MIN(expires_at) FROM {_TABLE} WHERE status = '{_Q}' AND attempts = 0)"
-        ).fetchone()
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT (SELECT MIN(not_before) FROM {_TABLE} WHERE status = '{_Q}'),"
+                f" (SELECT MIN(expires_at) FROM {_TABLE} WHERE status = '{_Q}'"
+                " AND attempts = 0)").fetchone()
         times = [t for t in row if t is not None]
         return None if not times else max(0.0, min(times) - now)
 
     # -- reading ----------------------------------------------------------------------
 
     def get_job(self, request_id: str) -> Job | None:
-        row = self._conn().execute(
-            f"SELECT {_COLUMNS} FROM {_TABLE} WHERE request_id = ?", (request_id,)).fetchone()
+        with self._read() as conn:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM {_TABLE} WHERE request_id = ?",
+                               (request_id,)).fetchone()
         return None if row is None else Job._from_row(row)
 
     def get(self, request_id: str) -> AsyncRequestRecord | None:
@@ -555,7 +638,8 @@ class AsyncQueue:
 
     def counts(self) -> dict[AsyncStatus, int]:
         """Requests per status (kept by triggers: O(1))."""
-        rows = self._conn().execute("SELECT status, n FROM status_counts").fetchall()
+        with self._read() as conn:
+            rows = conn.execute("SELECT status, n FROM status_counts").fetchall()
         return {AsyncStatus(status): n for status, n in rows}
 
     def queue_status(self) -> QueueStatus:
@@ -564,13 +648,15 @@ class AsyncQueue:
                            num_queued_requests=counts.get(AsyncStatus.QUEUED, 0),
                            num_in_progress_requests=counts.get(AsyncStatus.IN_PROGRESS, 0))
 
-    def purge_finished(self, older_than: float) -> int:
-        """Delete settled requests (finished, webhook not pending) last changed before
-        `older_than`, so the file does not grow forever. A full scan: run it rarely."""
-        with self._write() as conn:
+    def purge_finished(self, older_than: float, limit: int = PURGE_BATCH) -> int:
+        """Delete up to `limit` settled requests (finished, webhook not pending) last changed
+        before `older_than`, oldest first, so the file does not grow forever. Returns how
+        many; call again while it returns `limit` (each call is one short transaction)."""
+        with self._write("purge") as conn:
             cursor = conn.execute(
-                f"DELETE FROM {_TABLE} WHERE status NOT IN ('{_Q}', 'IN_PROGRESS')"
-                " AND webhook_status != 'PENDING' AND status_at < ?", (older_than,))
+                f"DELETE FROM {_TABLE} WHERE seq IN (SELECT seq FROM {_TABLE}"
+                f" INDEXED BY {_SETTLED_INDEX} WHERE {_SETTLED} AND status_at < ?"
+                " ORDER BY status_at LIMIT ?)", (older_than, limit))
             return cursor.rowcount
 
     # -- helpers ----------------------------------------------------------------------
@@ -591,3 +677,18 @@ class AsyncQueue:
         return InvalidTransitionError(
             f"{action}: request {request_id} is {row['status']} (webhook "
             f"{row['webhook_status']})")
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """End a failed transaction. SQLite has already rolled back after some errors (an I/O
+    error at COMMIT, say), when ROLLBACK would raise and mask the error that matters."""
+    if conn.in_transaction:
+        with suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+
+
+def _detail(exc: BaseException) -> str:
+    """SQLite's message, or the OS's without the file name: what a log or a client sees."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)

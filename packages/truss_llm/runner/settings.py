@@ -22,8 +22,11 @@ from truss_llm.limits import (
     WAKE_TIMEOUT_S,
 )
 from truss_llm.media.policy import Networks
+from truss_llm.runner.queue import BUSY_TIMEOUT_S
+from truss_llm.runner.store_health import UNHEALTHY_AFTER_S
 
 ENV_PREFIX = "TRUSS_LLM_RUNNER_"
+ASYNC_RETENTION_S = 7 * 24 * 3600.0  # a week: time to read a result's status after the fact
 LIST_SETTINGS = ("environments", "webhook_allowed_networks")  # comma-separated in variables
 
 
@@ -52,6 +55,14 @@ class RunnerSettings(BaseModel):
     # 127.0.0.1/32 for a receiver on this machine.
     webhook_allowed_networks: Networks = ()
     scale_to_zero_idle_s: float | None = Field(default=None, gt=0)
+    # The async queue's store (SQLite): settled requests are deleted this long after their
+    # last change; a write waits this long for a lock; a store whose every write has failed
+    # for this long turns readiness and async_predict into 503s; the file's size cap (none:
+    # the disk's), past which async_predict answers 503 instead of filling the disk.
+    async_retention_s: float = Field(default=ASYNC_RETENTION_S, gt=0)
+    queue_busy_timeout_s: float = Field(default=BUSY_TIMEOUT_S, gt=0)
+    queue_unhealthy_after_s: float = Field(default=UNHEALTHY_AFTER_S, ge=0)
+    queue_max_bytes: int | None = Field(default=None, gt=0)
     # Tell the model which budget each request runs under and how much of it is left
     # (`truss_llm.budget`), so that it answers before our timeout fires. Off, the runner
     # treats the model as one that knows nothing of budgets: only the 504 remains.

@@ -5,23 +5,29 @@ call the model's predict route in-process, bounded by the async run timeout, and
 outcome; failures are retried per the request's `inference_retry_config`. At start-up the
 queue is recovered from a crash (requests that were running go back to the queue, so they
 run at least once more) and webhooks that were never delivered are sent again.
+
+The store can fail (a lock held by another process, a full disk): a worker then logs, backs
+off (bounded, exponential) and goes on; an outcome it could not record (a result, a failure,
+a webhook's delivery) is kept in memory and recorded once the store takes it. Settled
+requests are purged after the retention period, in small batches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 from truss_llm.runner import webhooks
 from truss_llm.runner.models import AsyncErrorCode, AsyncStatus
-from truss_llm.runner.queue import AsyncQueue, Job
+from truss_llm.runner.queue import PURGE_BATCH, AsyncQueue, Job, QueueUnavailable, backoff_delay_s
 from truss_llm.runner.settings import RunnerSettings
 
 logger = logging.getLogger(__name__)
@@ -29,10 +35,24 @@ logger = logging.getLogger(__name__)
 CallModel = Callable[[bytes], Awaitable[tuple[int, bytes]]]
 IDLE_POLL_S = 0.5  # upper bound on a worker's sleep when the queue gives no wake-up time
 ERROR_MESSAGE_CHARS = 2000
+# A worker whose store (or anything else) failed waits 0.5 s, 1 s, 2 s, ... up to 10 s between
+# tries: quick to notice a store that recovers, no busy loop against one that does not.
+STORE_BACKOFF_INITIAL_MS = 500
+STORE_BACKOFF_MAX_MS = 10_000
+# Purges run at most this far apart, and at least 4 times per retention period (so a settled
+# request lives at most 1.25 retention periods).
+PURGE_INTERVAL_S = 3600.0
+PURGES_PER_RETENTION = 4
 
 ASYNC_LATENCY = Histogram("baseten_surface_async_seconds",
                           "Async request time from enqueue to its final status.", ["status"],
                           buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800, 3600, 14400))
+PURGED = Counter("baseten_surface_async_purged_requests_total",
+                 "Settled async requests deleted after the retention period.")
+
+
+def store_backoff_s(failures: int) -> float:
+    return backoff_delay_s(failures, STORE_BACKOFF_INITIAL_MS, STORE_BACKOFF_MAX_MS)
 
 
 def _error_text(body: bytes) -> str:
@@ -59,14 +79,16 @@ class AsyncWorker:
         self._wakeup.set()
 
     async def run(self) -> None:
-        recovered = await asyncio.to_thread(self._queue.recover_after_crash)
+        # Before any claim: a recovery after a claim would requeue that running request.
+        recovered = await self._persist("crash recovery", self._queue.recover_after_crash)
         if recovered:
             logger.warning("%d async requests were running when the runner stopped; "
                            "they are queued again", recovered)
-        for job in await asyncio.to_thread(self._queue.pending_webhooks):
+        for job in await self._persist("pending webhooks", self._queue.pending_webhooks):
             self._send_webhook(job)
         workers = [asyncio.create_task(self._work(n))
                    for n in range(self._settings.worker_concurrency)]
+        workers.append(asyncio.create_task(self._purge()))
         try:
             await asyncio.gather(*workers)
         finally:
@@ -77,19 +99,75 @@ class AsyncWorker:
                     await task
 
     async def _work(self, number: int) -> None:
+        """Claim and run requests, forever: no exception ends a worker."""
+        failures = 0
         while True:
-            for expired in await asyncio.to_thread(self._queue.expire_overdue):
-                self._finished(expired, AsyncStatus.EXPIRED)
-            self._wakeup.clear()
-            job = await asyncio.to_thread(self._queue.claim_next)
-            if job is None:
-                wait = await asyncio.to_thread(self._queue.next_wakeup)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(),
-                                           min(wait if wait is not None else IDLE_POLL_S,
-                                               IDLE_POLL_S))
-                continue
-            await self._run(job)
+            try:
+                await self._step()
+                failures = 0
+            except Exception as exc:  # not CancelledError: that ends the worker
+                failures += 1
+                delay = store_backoff_s(failures)
+                if isinstance(exc, QueueUnavailable):  # the queue logged the store's error
+                    logger.warning("async worker %d: the queue is unavailable (%d in a row);"
+                                   " retrying in %.1f s", number, failures, delay)
+                else:
+                    logger.exception("async worker %d failed (%d in a row); retrying in "
+                                     "%.1f s", number, failures, delay)
+                await asyncio.sleep(delay)
+
+    async def _step(self) -> None:
+        """Expire what is overdue (and send its webhooks), then run one request or wait."""
+        for expired in await asyncio.to_thread(self._queue.expire_overdue):
+            self._finished(expired, AsyncStatus.EXPIRED)
+        self._wakeup.clear()
+        job = await asyncio.to_thread(self._queue.claim_next)
+        if job is None:
+            wait = await asyncio.to_thread(self._queue.next_wakeup)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(),
+                                       min(wait if wait is not None else IDLE_POLL_S,
+                                           IDLE_POLL_S))
+            return
+        await self._run(job)
+
+    async def _persist(self, what: str, call: Callable, *args: object) -> object:
+        """Run a queue call until the store takes it: what it records (a result, a failure,
+        a delivery) exists only in memory until then. A failed call changed nothing (its
+        transaction was rolled back), so it is safe to repeat."""
+        failures = 0
+        while True:
+            try:
+                return await asyncio.to_thread(call, *args)
+            except QueueUnavailable:
+                failures += 1
+                delay = store_backoff_s(failures)
+                logger.warning("async queue: could not record %s (%d tries); retrying in "
+                               "%.1f s", what, failures, delay)
+                await asyncio.sleep(delay)
+
+    async def _purge(self) -> None:
+        """Delete settled requests older than the retention period, batch by batch."""
+        retention = self._settings.async_retention_s
+        interval = min(PURGE_INTERVAL_S, retention / PURGES_PER_RETENTION)
+        while True:
+            purged = 0
+            try:
+                older_than = time.time() - retention
+                while True:
+                    batch = await asyncio.to_thread(self._queue.purge_finished, older_than)
+                    purged += batch
+                    if batch < PURGE_BATCH:
+                        break
+            except QueueUnavailable:
+                logger.warning("async queue: purge failed; next try in %.0f s", interval)
+            except Exception:
+                logger.exception("async queue: purge failed; next try in %.0f s", interval)
+            if purged:
+                PURGED.inc(purged)
+                logger.info("async queue: purged %d settled requests older than %.0f s",
+                            purged, retention)
+            await asyncio.sleep(interval)
 
     async def _run(self, job: Job) -> None:
         logger.debug("async request %s: attempt %d of %d", job.request_id, job.attempts,
@@ -107,8 +185,8 @@ class AsyncWorker:
             await self._fail(job, AsyncErrorCode.MODEL_UNAVAILABLE, str(exc), retryable=True)
             return
         if 200 <= status < 300:
-            done = await asyncio.to_thread(self._queue.complete, job.request_id,
-                                           body.decode(errors="replace"))
+            done = await self._persist(f"the result of {job.request_id}", self._queue.complete,
+                                       job.request_id, body.decode(errors="replace"))
             self._finished(done, AsyncStatus.SUCCEEDED, output=body)
         elif 400 <= status < 500 and status != HTTPStatus.TOO_MANY_REQUESTS:
             # The input is wrong: another attempt would fail the same way. (A 429 is the
@@ -121,12 +199,15 @@ class AsyncWorker:
 
     async def _fail(self, job: Job, code: AsyncErrorCode, message: str, *,
                     retryable: bool) -> None:
-        outcome = await asyncio.to_thread(self._queue.fail, job.request_id, code.value,
-                                          message, retryable=retryable)
+        outcome = await self._persist(
+            f"the failure of {job.request_id}",
+            functools.partial(self._queue.fail, retryable=retryable),
+            job.request_id, code.value, message)
         logger.warning("async request %s attempt %d failed (%s): %s", job.request_id,
                        job.attempts, code.value, outcome)
         if outcome == "failed":
-            failed = await asyncio.to_thread(self._queue.get_job, job.request_id)
+            failed = await self._persist(f"the record of {job.request_id}",
+                                         self._queue.get_job, job.request_id)
             self._finished(failed, AsyncStatus.FAILED)
         else:
             self.notify()
@@ -157,4 +238,5 @@ class AsyncWorker:
             attempts=self._settings.webhook_attempts,
             backoff_s=self._settings.webhook_backoff_s,
             timeout_s=self._settings.webhook_timeout_s)
-        await asyncio.to_thread(self._queue.set_webhook_result, job.request_id, ok)
+        await self._persist(f"the webhook result of {job.request_id}",
+                            self._queue.set_webhook_result, job.request_id, ok)
