@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from truss_llm import lora
 from truss_llm.settings import EngineSettings
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ def engine_args(settings: EngineSettings):  # -> AsyncEngineArgs, imported lazil
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     optional = {
+        **lora.engine_defaults(settings.lora_adapters),
         "max_model_len": settings.max_model_len,
         "kv_cache_memory_bytes": settings.kv_cache_memory_bytes,
         "max_num_seqs": settings.max_num_seqs,

@@ -20,7 +20,7 @@ import pydantic
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import Request
 
-from truss_llm import budget
+from truss_llm import budget, lora
 from truss_llm.admission import Admission
 from truss_llm.budget import BudgetSettings, Deadline
 from truss_llm.budget_engine import BudgetedEngineClient
@@ -159,6 +159,11 @@ class OpenAISurface:
         self._completion = None
         self._models = None
         self._admission: Admission | None = None
+        # vLLM's shared serving state, for the other APIs' serving classes (see `serve`).
+        self.serving_models = None
+        self.renderer = None
+        self.engine_client: BudgetedEngineClient | None = None
+        self.chat_template: str | None = None
         engine.on_ready(self._build_serving)
 
     @property
@@ -177,10 +182,12 @@ class OpenAISurface:
         settings = self.settings
         tools = settings.tool_call_parser is not None
         chat_template = load_chat_template(settings.chat_template)
+        # Adapters are served under their own names, picked by the request's `model`.
         models = OpenAIServingModels(
             engine_client=client,
             base_model_paths=[BaseModelPath(name=settings.served_model_name,
-                                            model_path=settings.model_path)])
+                                            model_path=settings.model_path)],
+            lora_modules=lora.module_paths(settings.lora_adapters, settings.served_model_name))
         await models.init_static_loras()
         renderer = OnlineRenderer(
             model_config=client.model_config,
@@ -209,6 +216,8 @@ class OpenAISurface:
             budgeted, models, online_renderer=renderer, request_logger=None,
             enable_prompt_tokens_details=True)
         self._models = models
+        self.serving_models, self.renderer, self.engine_client, self.chat_template = (
+            models, renderer, budgeted, chat_template)
         self._admission = Admission(client.vllm_config.scheduler_config.max_num_queued_reqs)
         tokenizer = client.renderer.tokenizer
         multimodal = client.model_config.is_multimodal_model
@@ -270,6 +279,20 @@ class OpenAISurface:
         raise RequestError("predict takes an OpenAI chat body ({\"messages\": [...]}) or a "
                            "completions body ({\"prompt\": \"...\"}).")
 
+    @property
+    def media(self) -> MediaResolver:
+        return self._media
+
+    async def serve(self, request: Request, create, render_error: ErrorRenderer) -> Response:
+        """Serve one request of another API (Responses, Anthropic Messages) the way chat is
+        served: parsed body, admission, deadline, disconnect race, errors in `render_error`'s
+        shape. `create(body, request)` returns an ErrorResponse, a JSON-ready dict or
+        pydantic model, or an async iterator of SSE strings."""
+        return await self._serve(request, create, render_error)
+
+    def media_deadline(self) -> float:
+        return self._media_deadline()
+
     def _media_deadline(self) -> float:
         """Media fetching is charged to the request's deadline, within the policy's own."""
         own = time.monotonic() + self._media_policy.total_timeout_s
@@ -319,8 +342,9 @@ class OpenAISurface:
         if isinstance(result, ErrorResponse):
             info = result.error
             return render_error(RequestError(info.message, info.code, info.param))
-        if isinstance(result, pydantic.BaseModel):
-            body = budget.mark_body(result.model_dump(mode="json"), deadline)
+        if isinstance(result, pydantic.BaseModel | dict):
+            body = result if isinstance(result, dict) else result.model_dump(mode="json")
+            body = budget.mark_body(body, deadline)
             return JSONResponse(body, headers=budget.response_headers(deadline, body))
         return _sse(result, budget.response_headers(deadline))
 

@@ -19,9 +19,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from truss_llm.env_settings import prefixed_values
+from truss_llm.lora import LoraAdapter, parse_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,11 @@ class EngineSettings(BaseModel):
     chat_template: str | None = None
     seed: int = 0
     enable_prefix_caching: bool | None = None
+    # `model_metadata.lora_adapters` (see truss_llm.lora); TRUSS_LLM_ENGINE_LORA_ADAPTERS
+    # takes `name=path,...` or JSON.
+    lora_adapters: list[LoraAdapter] = Field(default_factory=list)
+
+    _parse_adapters = field_validator("lora_adapters", mode="before")(parse_adapters)
 
     @property
     def is_cpu(self) -> bool:
@@ -112,6 +118,9 @@ def resolve_settings(
     configured = dict((config.get("model_metadata") or {}).get("engine") or {})
     overrides = prefixed_values(environ, ENV_PREFIX, EngineSettings.model_fields, "engine")
     values: dict[str, Any] = dict(configured)
+    adapters = (config.get("model_metadata") or {}).get("lora_adapters")
+    if adapters:
+        values["lora_adapters"] = adapters
     accelerator = (config.get("resources") or {}).get("accelerator")
     values.setdefault("tensor_parallel_size", accelerator_count(accelerator))
 
@@ -130,6 +139,7 @@ def resolve_settings(
             logger.info("No GPU and no weights at %s: serving the bundled tiny model %s",
                         model_path, tiny)
             values.update(model_path=str(tiny), served_model_name=TINY_MODEL_NAME)
+            values.pop("lora_adapters", None)  # they adapt the configured model, not this one
         values.update(CPU_PROFILE)
     values.update(overrides)
     return EngineSettings.model_validate(values)

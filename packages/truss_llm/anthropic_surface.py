@@ -1,0 +1,95 @@
+"""Anthropic's Messages API (`POST /v1/messages`), served by vLLM's `AnthropicServingMessages`.
+
+vLLM's class translates a Messages request into a chat completion (system prompt, content
+blocks, `tool_use`/`tool_result`, `tool_choice`), runs it through its chat serving code and
+translates the answer back, streamed events included. It gets the chat route's engine
+wrapper, model list and renderer, and the request goes through the chat route's machinery
+(`OpenAISurface.serve`). Errors leave in Anthropic's own shape,
+`{"type": "error", "error": {"type": ..., "message": ...}}`, with the status the
+Anthropic SDK maps to its exception classes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fastapi.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import Response
+
+from truss_llm.api_media import resolve_anthropic_messages
+from truss_llm.engine import Engine
+from truss_llm.errors import RequestError
+from truss_llm.openai_surface import OpenAISurface, check_param_types
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+_BOOLEAN, _INTEGER, _NUMBER = "a boolean", "an integer", "a number"
+# The Messages API's JSON types for its scalar parameters (vLLM's models are lax).
+MESSAGES_PARAM_TYPES = {"stream": _BOOLEAN, "max_tokens": _INTEGER, "top_k": _INTEGER,
+                        "temperature": _NUMBER, "top_p": _NUMBER}
+# Anthropic's error types by status (docs.anthropic.com, "Errors").
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                         403: "permission_error", 404: "not_found_error",
+                         413: "request_too_large", 422: "invalid_request_error",
+                         429: "rate_limit_error", 503: "overloaded_error",
+                         504: "timeout_error"}
+
+
+def anthropic_error(status: int, message: str, headers: dict[str, str] | None = None
+                    ) -> JSONResponse:
+    kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500
+                                     else "invalid_request_error")
+    return JSONResponse({"type": "error", "error": {"type": kind, "message": message}},
+                        status_code=status, headers=headers)
+
+
+def render_anthropic_error(error: RequestError) -> Response:
+    return anthropic_error(error.status, error.message, headers=error.headers)
+
+
+class AnthropicSurface:
+    """`/v1/messages` over the engine and the serving state of an `OpenAISurface`."""
+
+    def __init__(self, surface: OpenAISurface, engine: Engine) -> None:
+        self._surface = surface
+        self._serving = None
+        engine.on_ready(self._build_serving)  # after the surface's own set-up
+
+    async def _build_serving(self, client: AsyncLLM) -> None:
+        from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
+
+        surface, settings = self._surface, self._surface.settings
+        self._serving = AnthropicServingMessages(
+            surface.engine_client, surface.serving_models, "assistant",
+            online_renderer=surface.renderer,
+            request_logger=None,
+            chat_template=surface.chat_template,
+            chat_template_content_format="auto",
+            enable_auto_tools=settings.tool_call_parser is not None,
+            tool_parser=settings.tool_call_parser,
+            enable_prompt_tokens_details=True,
+        )
+
+    async def messages(self, request: Request) -> Response:
+        return await self._surface.serve(request, self._create, render_anthropic_error)
+
+    async def _create(self, body: dict[str, Any], request: Request) -> Any:
+        from vllm.entrypoints.anthropic.protocol import (
+            AnthropicMessagesRequest,
+            AnthropicMessagesResponse,
+        )
+
+        check_param_types(body, MESSAGES_PARAM_TYPES)
+        limit = body.get("max_tokens")
+        if limit is not None and limit < 1:
+            raise RequestError(f"max_tokens: expected an integer of at least 1, got "
+                               f"{limit!r}.", param="max_tokens")
+        body = await resolve_anthropic_messages(self._surface.media, body,
+                                                self._surface.media_deadline())
+        parsed = AnthropicMessagesRequest.model_validate(body)
+        result = await self._serving.create_messages(parsed, request)
+        if isinstance(result, AnthropicMessagesResponse):
+            return result.model_dump(mode="json", exclude_none=True)
+        return result  # SSE strings, or an ErrorResponse
