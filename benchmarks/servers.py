@@ -9,7 +9,6 @@ resolves on this machine, so that both serve the same model the same way.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -65,31 +64,12 @@ def peer_command(port: int) -> tuple[list[str], dict[str, str]]:
 
     config = load_truss_config(REPO)
     settings = resolve_settings(config, REPO / config.get("data_dir", "data"))
-    structured = {"backend": settings.structured_outputs_backend,
-                  "disable_any_whitespace": settings.disable_any_whitespace}
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                "--host", HOST, "--port", str(port),
                "--model", str(Path(settings.model_path).resolve()),
-               "--served-model-name", settings.served_model_name,
-               "--dtype", settings.dtype,
-               "--tensor-parallel-size", str(settings.tensor_parallel_size),
-               "--seed", str(settings.seed),
-               "--structured-outputs-config", json.dumps(structured),
+               *settings.serve_flags(),
                # Our OpenAI surface reports prompt token details; so must the peer.
                "--enable-prompt-tokens-details"]
-    if settings.max_model_len:
-        command += ["--max-model-len", str(settings.max_model_len)]
-    if settings.kv_cache_memory_bytes:
-        command += ["--kv-cache-memory-bytes", str(settings.kv_cache_memory_bytes)]
-    if settings.enforce_eager:
-        command += ["--enforce-eager"]
-    if settings.is_cpu:
-        command += ["--distributed-executor-backend", "uni"]
-    else:
-        command += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
-    if settings.tool_call_parser:
-        command += ["--enable-auto-tool-choice", "--tool-call-parser",
-                    settings.tool_call_parser]
     env = {"VLLM_ENFORCE_STRICT_TOOL_CALLING":
            "1" if settings.enforce_strict_tool_calling else "0"}
     if settings.is_cpu:

@@ -42,8 +42,9 @@ def test_gpu_settings_resolve_from_config(tmp_path: Path) -> None:
     config["model_metadata"]["engine"]["model_path"] = str(model_path)
     config["resources"]["accelerator"] = "H100:2"
     settings = resolve_settings(config, REPO / "data", environ={}, has_gpu=True)
-    assert settings.tensor_parallel_size == 2
-    assert settings.structured_outputs_backend == "xgrammar"
+    assert settings.engine_args["tensor_parallel_size"] == 2
+    assert settings.engine_args["structured_outputs_config"].backend == "xgrammar"
+    assert settings.enable_auto_tool_choice and settings.tool_call_parser == "hermes"
 
 
 def test_build_context_works_offline(tmp_path: Path) -> None:

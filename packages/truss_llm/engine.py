@@ -48,28 +48,12 @@ def configure_vllm_environment(settings: EngineSettings) -> None:
 def engine_args(settings: EngineSettings):  # -> AsyncEngineArgs, imported lazily
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    optional = {
-        **lora.engine_defaults(settings.lora_adapters),
-        "max_model_len": settings.max_model_len,
-        "kv_cache_memory_bytes": settings.kv_cache_memory_bytes,
-        "max_num_seqs": settings.max_num_seqs,
-        "max_num_queued_reqs": settings.max_num_queued_reqs,
-        "enable_prefix_caching": settings.enable_prefix_caching,
-    }
+    # Everything else is an engine argument exactly as `vllm serve` takes it (see settings);
+    # the adapters' needs come first so that an explicit value wins.
     return AsyncEngineArgs(
         model=settings.model_path,
         served_model_name=[settings.served_model_name],
-        dtype=settings.dtype,
-        tensor_parallel_size=settings.tensor_parallel_size,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        enforce_eager=settings.enforce_eager,
-        seed=settings.seed,
-        structured_outputs_config={
-            "backend": settings.structured_outputs_backend,
-            "disable_any_whitespace": settings.disable_any_whitespace,
-        },
-        distributed_executor_backend="uni" if settings.is_cpu else None,
-        **{name: value for name, value in optional.items() if value is not None},
+        **{**lora.engine_defaults(settings.lora_adapters), **settings.engine_args},
     )
 
 

@@ -180,7 +180,14 @@ class OpenAISurface:
         from vllm.renderers.online_renderer import OnlineRenderer
 
         settings = self.settings
-        tools = settings.tool_call_parser is not None
+        # `vllm serve`'s serving options, as its `init_app_state` passes them on.
+        serving_options = dict(
+            chat_template_content_format=settings.chat_template_content_format,
+            enable_auto_tools=settings.enable_auto_tool_choice,
+            tool_parser=settings.tool_call_parser,
+            reasoning_parser=settings.reasoning_parser,
+            default_chat_template_kwargs=settings.default_chat_template_kwargs,
+        )
         chat_template = load_chat_template(settings.chat_template)
         # Adapters are served under their own names, picked by the request's `model`.
         models = OpenAIServingModels(
@@ -194,22 +201,18 @@ class OpenAISurface:
             renderer=client.renderer,
             request_logger=None,
             chat_template=chat_template,
-            chat_template_content_format="auto",
-            enable_auto_tools=tools,
-            tool_parser=settings.tool_call_parser,
+            **serving_options,
         )
         renderer.warmup()
         # The serving classes generate through this wrapper, which holds every generation
         # to its request's deadline (see budget_engine).
         budgeted = BudgetedEngineClient(client)
         self._chat = OpenAIServingChat(
-            budgeted, models, "assistant",
+            budgeted, models, settings.response_role,
             online_renderer=renderer,
             request_logger=None,
             chat_template=chat_template,
-            chat_template_content_format="auto",
-            enable_auto_tools=tools,
-            tool_parser=settings.tool_call_parser,
+            **serving_options,
             enable_prompt_tokens_details=True,
         )
         self._completion = OpenAIServingCompletion(
