@@ -20,7 +20,7 @@ from pathlib import Path
 
 # Inclusive groups, matched against "function (path:line)" frames; first match per group.
 GROUPS: dict[str, str] = {
-    "our runner surface (runner/surface.py)": r"truss_llm/runner/surface\.py",
+    "our runner surface (runner/)": r"truss_llm/runner/",
     "our OpenAI surface (openai_surface.py)": r"truss_llm/openai_surface\.py",
     "truss server (truss_server.py, model_wrapper.py)": r"/(truss_server|model_wrapper)\.py",
     "vLLM chat serving (chat_completion/serving.py)": r"chat_completion/serving\.py",

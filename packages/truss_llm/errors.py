@@ -8,6 +8,7 @@ exception from model code into a 500, so a user's mistake must never leave as on
 
 from __future__ import annotations
 
+import json
 import logging
 from http import HTTPStatus
 
@@ -85,6 +86,14 @@ def openai_error(status: int, message: str, param: str | None = None,
 def baseten_error(status: int, message: str, headers: dict[str, str] | None = None
                   ) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def sse_error_event(status: int, message: str) -> bytes:
+    """An error inside a stream that has begun, as vLLM sends one (the OpenAI SDK raises it
+    as an APIError): a client must not take a stream cut short for a complete answer."""
+    error = {"error": {"message": message, "type": _error_type(status), "param": None,
+                       "code": status}}
+    return f"data: {json.dumps(error)}\n\n".encode()
 
 
 def describe_validation_error(exc: pydantic.ValidationError) -> tuple[str, str | None]:

@@ -7,15 +7,15 @@ what an operator (and the disconnect tests) need to see that aborted work is rea
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, Gauge
+from prometheus_client import Gauge
 
 from truss_llm.engine import Engine
 
 UNFINISHED_REQUESTS = "truss_llm_engine_unfinished_requests"
+_UNFINISHED = Gauge(UNFINISHED_REQUESTS, "Requests the vLLM engine has not finished or aborted.")
 
 
 def register_engine_metrics(engine: Engine) -> None:
-    if UNFINISHED_REQUESTS in REGISTRY._names_to_collectors:  # load() ran twice (hot reload)
-        REGISTRY.unregister(REGISTRY._names_to_collectors[UNFINISHED_REQUESTS])
-    gauge = Gauge(UNFINISHED_REQUESTS, "Requests the vLLM engine has not finished or aborted.")
-    gauge.set_function(engine.unfinished_requests)
+    """Point the gauge at this engine (a later load, after a scale to zero or a restart,
+    replaces the one before)."""
+    _UNFINISHED.set_function(engine.unfinished_requests)

@@ -95,6 +95,7 @@ def build_server(truss_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_
     if runner is not None:
         from truss_llm.runner.surface import BasetenSurface
 
+        # `_model` is truss's ModelWrapper: private, but there is no other way to it.
         app = BasetenSurface(app, truss_server._model, runner)
     http, loop = http_stack()
     logger.info("HTTP server: uvicorn with %s on %s", http, loop)
@@ -109,7 +110,8 @@ def build_server(truss_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     server = uvicorn.Server(uv_config)
-    # TrussServer's watchdog stops this server if load() fails.
+    # TrussServer's watchdog stops this server if load() fails (`_server` is private, and
+    # what truss's own main sets).
     truss_server._server = server
     _exit_on_sigterm()
     return server

@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from truss_llm.cancellation import ClientDisconnected
+
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 
@@ -28,10 +30,6 @@ class BodyTooLarge(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"Request body exceeds the {limit:,} byte limit. Upload large inputs "
                          "to object storage and send a pre-signed URL instead.")
-
-
-class ClientGone(Exception):
-    """The client disconnected while sending the body."""
 
 
 def declared_length(scope: Message) -> int | None:
@@ -93,7 +91,7 @@ async def read_body(scope: Message, receive: Receive, limit: int) -> Body:
         message = await receive()
         if message["type"] == "http.disconnect":
             body.close()
-            raise ClientGone()
+            raise ClientDisconnected()  # while still sending the body
         chunk = message.get("body", b"")
         if body.size + len(chunk) > limit:
             body.close()

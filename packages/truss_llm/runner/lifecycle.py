@@ -3,6 +3,10 @@
 Requests that arrive while the model is unloaded (or still loading) wait for it, bounded by
 the wake timeout, instead of failing. The truss server's readiness route keeps telling the
 truth meanwhile, since the model reports itself unhealthy while it is unloaded.
+
+Reads truss's `ModelWrapper._model` (private: the wrapper exposes our Model instance no
+other way) for `load`, `unload`, `loaded` and `engine_dead`; `ready` and `load_failed` are
+the wrapper's public properties.
 """
 
 from __future__ import annotations

@@ -1,7 +1,13 @@
-"""Baseten's route table: which deployment a path targets and what it asks for.
+"""Baseten's route table: which deployment a path targets and what it asks for, and which of
+the truss app's own routes reach the model.
 
 `/{production|development|environments/{env}|deployment/{id}}/{action}` plus the regional
 forms without a target. Only the parsing lives here, so the table can be read in one place.
+
+OpenAI-style paths: `.../sync/v1/<path>` is forwarded to the truss app's `/v1/<path>`, so a
+new one (say `/v1/responses`, once the model has a `responses` method) needs no routing code;
+list it in `TRUSS_OPENAI_PATHS` so that the same path called on the truss app directly is
+counted as model work and answers errors in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -26,9 +32,18 @@ REGIONAL = {"/async_queue_status": "GET", "/wake": "POST", "/async_predict": "PO
             "/predict": "POST"}
 SYNC_PREFIX = "/sync"
 
+# The truss app's routes that run the model (a method of model.py), by path: POST only.
+TRUSS_PREDICT = "/v1/models/model:predict"
+TRUSS_OPENAI_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                "/v1/messages", "/v1/responses"})
+_TRUSS_PREDICT_ROUTES = re.compile(r"^/v1/models/[^/]+:predict(?:_binary)?$|^/invocations$")
+
 
 @dataclass(frozen=True)
-class Target:
+class Deployment:
+    """What a targeted path names: an environment, the development deployment, or one
+    deployment by id."""
+
     kind: str  # "environment" | "development" | "deployment"
     name: str
 
@@ -39,11 +54,11 @@ class Target:
 
 @dataclass(frozen=True)
 class Match:
-    target: Target | None  # None: a regional route
+    deployment: Deployment | None  # None: a regional route
     action: str            # "/predict", "/sync/v1/chat/completions", ...
 
 
-class UnknownTarget(Exception):
+class UnknownDeployment(Exception):
     pass
 
 
@@ -55,17 +70,28 @@ def match(path: str) -> Match | None:
             return Match(None, path)
         return None
     if found["alias"] == "production":
-        target = Target("environment", "production")
+        deployment = Deployment("environment", "production")
     elif found["alias"] == "development":
-        target = Target("development", "development")
+        deployment = Deployment("development", "development")
     elif found["env"] is not None:
-        target = Target("environment", found["env"])
+        deployment = Deployment("environment", found["env"])
     else:
-        target = Target("deployment", found["deployment"])
-    return Match(target, found["action"] or "")
+        deployment = Deployment("deployment", found["deployment"])
+    return Match(deployment, found["action"] or "")
 
 
-def known_targets(settings: RunnerSettings) -> list[str]:
+def reaches_model(path: str, method: str) -> bool:
+    """Whether a call to the truss app runs the model (as against readiness, metrics...)."""
+    return method == "POST" and (path in TRUSS_OPENAI_PATHS
+                                 or _TRUSS_PREDICT_ROUTES.match(path) is not None)
+
+
+def is_openai_path(path: str) -> bool:
+    """A truss path whose errors take OpenAI's shape (predict answers in Baseten's)."""
+    return path in TRUSS_OPENAI_PATHS
+
+
+def known_deployments(settings: RunnerSettings) -> list[str]:
     names = [f"environments/{env}" for env in settings.environments]
     if "production" in settings.environments:
         names.insert(0, "production")
@@ -75,13 +101,13 @@ def known_targets(settings: RunnerSettings) -> list[str]:
     return names
 
 
-def check_target(target: Target, settings: RunnerSettings) -> None:
+def check_deployment(deployment: Deployment, settings: RunnerSettings) -> None:
     exists = {
-        "environment": target.name in settings.environments,
+        "environment": deployment.name in settings.environments,
         "development": settings.development,
-        "deployment": target.name == settings.deployment_id,
-    }[target.kind]
+        "deployment": deployment.name == settings.deployment_id,
+    }[deployment.kind]
     if not exists:
-        raise UnknownTarget(
-            f"No deployment at '{target.describe()}'. This runner serves: "
-            f"{', '.join(known_targets(settings))}.")
+        raise UnknownDeployment(
+            f"No deployment at '{deployment.describe()}'. This runner serves: "
+            f"{', '.join(known_deployments(settings))}.")
