@@ -157,3 +157,13 @@ def test_purge_deletes_settled_requests_in_bounded_batches_oldest_first(
         assert queue.get(ids[4]).status is AsyncStatus.QUEUED
         assert queue.get(owed) is not None  # its webhook is still owed
     assert PURGE_BATCH > 0
+
+
+def test_an_overdue_request_wakes_no_worker(tmp_path: Path) -> None:
+    """It waits for expire_overdue instead: a wake-up of 0 s would spin the idle workers."""
+    with AsyncQueue(tmp_path / "queue.db", "m", "d") as queue:
+        queue.enqueue(req(max_time_in_queue_seconds=10), ENV, now=T0)
+        assert queue.next_wakeup(now=T0 + 5) == 0.0
+        assert queue.next_wakeup(now=T0 + 11) is None
+        assert queue.claim_next(now=T0 + 11) is None
+        assert len(queue.expire_overdue(now=T0 + 11)) == 1

@@ -314,7 +314,7 @@ class AsyncQueue:
         return conn
 
     @contextmanager
-    def _write(self, operation: str) -> Iterator[sqlite3.Connection]:
+    def _write(self, operation: str = "write") -> Iterator[sqlite3.Connection]:
         """One write transaction, holding the database's write lock from its first statement.
 
         BEGIN IMMEDIATE (rather than a deferred BEGIN that upgrades on the first write) means
@@ -606,16 +606,15 @@ class AsyncQueue:
         return [Job._from_row(row) for row in rows]
 
     def next_wakeup(self, now: float | None = None) -> float | None:
-        """Seconds until a queued request becomes runnable or expires (0.0 if one already
-        is), or None when nothing is queued: how long an idle worker may sleep."""
+        """Seconds until a queued request becomes runnable (0.0 if one already is), or None
+        when none will: how long an idle worker may sleep. Overdue requests are not
+        runnable (they wait for `expire_overdue`), so they cannot keep a worker spinning."""
         now = time.time() if now is None else now
         with self._read() as conn:
-            row = conn.execute(
-                f"SELECT (SELECT MIN(not_before) FROM {_TABLE} WHERE status = '{_Q}'),"
-                f" (SELECT MIN(expires_at) FROM {_TABLE} WHERE status = '{_Q}'"
-                " AND attempts = 0)").fetchone()
-        times = [t for t in row if t is not None]
-        return None if not times else max(0.0, min(times) - now)
+            (first,) = conn.execute(
+                f"SELECT MIN(not_before) FROM {_TABLE} WHERE status = '{_Q}'"
+                " AND (attempts > 0 OR expires_at > ?)", (now,)).fetchone()
+        return None if first is None else max(0.0, first - now)
 
     # -- reading ----------------------------------------------------------------------
 

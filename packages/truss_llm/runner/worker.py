@@ -8,8 +8,9 @@ run at least once more) and webhooks that were never delivered are sent again.
 
 The store can fail (a lock held by another process, a full disk): a worker then logs, backs
 off (bounded, exponential) and goes on; an outcome it could not record (a result, a failure,
-a webhook's delivery) is kept in memory and recorded once the store takes it. Settled
-requests are purged after the retention period, in small batches.
+a webhook's delivery) is kept in memory and recorded once the store takes it. Two tasks
+beside the workers: one expires requests past their queue time (on time even while every
+worker is busy) and one purges settled requests after the retention period, in batches.
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ from truss_llm.runner import webhooks
 from truss_llm.runner.models import AsyncErrorCode, AsyncStatus
 from truss_llm.runner.queue import PURGE_BATCH, AsyncQueue, Job, QueueUnavailable, backoff_delay_s
 from truss_llm.runner.settings import RunnerSettings
+from truss_llm.runner.store_health import StoreHealth
 
 logger = logging.getLogger(__name__)
 
 CallModel = Callable[[bytes], Awaitable[tuple[int, bytes]]]
 IDLE_POLL_S = 0.5  # upper bound on a worker's sleep when the queue gives no wake-up time
+# How often requests past max_time_in_queue_seconds are expired (and their webhooks sent),
+# by a task of its own: a request expires on time even while every worker runs a long job.
+EXPIRE_CHECK_S = 1.0
 ERROR_MESSAGE_CHARS = 2000
 # A worker whose store (or anything else) failed waits 0.5 s, 1 s, 2 s, ... up to 10 s between
 # tries: quick to notice a store that recovers, no busy loop against one that does not.
@@ -64,6 +69,14 @@ def _error_text(body: bytes) -> str:
     return str(text or body[:ERROR_MESSAGE_CHARS].decode(errors="replace"))
 
 
+def open_queue(settings: RunnerSettings) -> AsyncQueue:
+    """The runner's queue, on the store its settings describe."""
+    return AsyncQueue(settings.queue_path, settings.model_id, settings.deployment_id,
+                      busy_timeout_s=settings.queue_busy_timeout_s,
+                      max_bytes=settings.queue_max_bytes,
+                      health=StoreHealth(settings.queue_unhealthy_after_s))
+
+
 class AsyncWorker:
     def __init__(self, queue: AsyncQueue, settings: RunnerSettings, call_model: CallModel
                  ) -> None:
@@ -88,6 +101,7 @@ class AsyncWorker:
             self._send_webhook(job)
         workers = [asyncio.create_task(self._work(n))
                    for n in range(self._settings.worker_concurrency)]
+        workers.append(asyncio.create_task(self._expire()))
         workers.append(asyncio.create_task(self._purge()))
         try:
             await asyncio.gather(*workers)
@@ -117,9 +131,7 @@ class AsyncWorker:
                 await asyncio.sleep(delay)
 
     async def _step(self) -> None:
-        """Expire what is overdue (and send its webhooks), then run one request or wait."""
-        for expired in await asyncio.to_thread(self._queue.expire_overdue):
-            self._finished(expired, AsyncStatus.EXPIRED)
+        """Run one request, or wait for one to become runnable."""
         self._wakeup.clear()
         job = await asyncio.to_thread(self._queue.claim_next)
         if job is None:
@@ -145,6 +157,22 @@ class AsyncWorker:
                 logger.warning("async queue: could not record %s (%d tries); retrying in "
                                "%.1f s", what, failures, delay)
                 await asyncio.sleep(delay)
+
+    async def _expire(self) -> None:
+        """Expire overdue requests and send their webhooks, every EXPIRE_CHECK_S. This is
+        also what notices a failing store while every worker is busy running."""
+        failures = 0
+        while True:
+            try:
+                for expired in await asyncio.to_thread(self._queue.expire_overdue):
+                    self._finished(expired, AsyncStatus.EXPIRED)
+                failures, delay = 0, EXPIRE_CHECK_S
+            except Exception as exc:
+                failures += 1
+                delay = max(EXPIRE_CHECK_S, store_backoff_s(failures))
+                if not isinstance(exc, QueueUnavailable):  # the queue logged its own
+                    logger.exception("async queue: expiry failed; retrying in %.1f s", delay)
+            await asyncio.sleep(delay)
 
     async def _purge(self) -> None:
         """Delete settled requests older than the retention period, batch by batch."""
