@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from http import HTTPStatus
+from typing import Any, TypeVar
 
 import pydantic
 from fastapi.responses import JSONResponse
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse
 logger = logging.getLogger(__name__)
 
 MAX_REPORTED_VALIDATION_ERRORS = 5
+ModelT = TypeVar("ModelT", bound=pydantic.BaseModel)
 
 
 # How long a client should wait before retrying while the engine is (re)starting.
@@ -96,13 +98,15 @@ def sse_error_event(status: int, message: str) -> bytes:
     return f"data: {json.dumps(error)}\n\n".encode()
 
 
-def describe_validation_error(exc: pydantic.ValidationError) -> tuple[str, str | None]:
-    """A short message naming each bad field, and the first field as OpenAI's `param`."""
+def describe_validation_error(exc: pydantic.ValidationError, field: str | None = None
+                              ) -> tuple[str, str | None]:
+    """A short message naming each bad field, and the first field as OpenAI's `param`
+    (`field`: the body's field that `exc` was raised for, when validated on its own)."""
     problems = []
     first_param = None
     for err in exc.errors(include_url=False, include_input=False)[:MAX_REPORTED_VALIDATION_ERRORS]:
         # Drop pydantic's internal union/function markers from the location.
-        loc = ".".join(str(p) for p in err["loc"]
+        loc = ".".join(str(p) for p in ((field,) if field else ()) + tuple(err["loc"])
                        if isinstance(p, int) or ("[" not in str(p) and "-" not in str(p)))
         first_param = first_param or loc or None
         problems.append(f"{loc or 'body'}: {err['msg']}")
@@ -110,6 +114,44 @@ def describe_validation_error(exc: pydantic.ValidationError) -> tuple[str, str |
     if extra > 0:
         problems.append(f"... and {extra} more")
     return "Invalid request: " + "; ".join(problems), first_param
+
+
+# What vLLM's request validators raise when a field has a shape they did not expect.
+_SHAPE_ERRORS = (KeyError, AttributeError, TypeError, IndexError, RecursionError)
+
+
+def validate_request(model: type[ModelT], body: Any) -> ModelT:
+    """`model.model_validate(body)`, where every failure is the client's 400.
+
+    vLLM's request models check rules across fields in `model_validator(mode="before")`
+    functions that index into the raw body before pydantic has checked its shapes
+    (`tool["function"]["name"]`, `structured_outputs.get(...)`): a malformed field raises a
+    KeyError or AttributeError there, which pydantic passes on as it is and `vllm serve`
+    answers with a 500. It is still the client's body that is wrong; the fields validated
+    one by one name the culprit."""
+    try:
+        return model.model_validate(body)
+    except _SHAPE_ERRORS as exc:
+        raise _field_error(model, body) or RequestError(
+            f"Invalid request: a field has the wrong shape ({type(exc).__name__}: {exc})."
+        ) from None
+
+
+def _field_error(model: type[pydantic.BaseModel], body: Any) -> RequestError | None:
+    """A 400 naming the first field of `body` that fails its own type, if one does."""
+    if not isinstance(body, dict):
+        return None
+    for name, field in model.model_fields.items():
+        if name not in body:
+            continue
+        try:
+            pydantic.TypeAdapter(field.rebuild_annotation()).validate_python(body[name])
+        except pydantic.ValidationError as exc:
+            message, param = describe_validation_error(exc, field=name)
+            return RequestError(message, HTTPStatus.BAD_REQUEST, param)
+        except _SHAPE_ERRORS:
+            continue
+    return None
 
 
 def error_from_exception(exc: BaseException) -> RequestError:

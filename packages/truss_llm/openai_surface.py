@@ -10,8 +10,10 @@ turns every outcome into a `Response`, because truss makes a 500 of anything rai
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -32,6 +34,7 @@ from truss_llm.errors import (
     engine_unavailable,
     error_from_exception,
     openai_error,
+    validate_request,
 )
 from truss_llm.media.parts import MediaResolver
 from truss_llm.media.policy import FetchPolicy
@@ -44,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 # Roles OpenAI's Chat Completions API accepts; vLLM accepts any string by design.
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+# Bodies past this size are decoded off the event loop (a chat request is a few KB).
+THREAD_DECODE_BYTES = 1024 * 1024
 # Status nginx made conventional for "client closed the request"; nobody reads the body.
 CLIENT_CLOSED_REQUEST = 499
 
@@ -51,16 +56,54 @@ ErrorRenderer = Callable[[RequestError], Response]
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:
+    """The body as a JSON object; a big one is decoded in a worker thread.
+
+    Decoding 90 MB of JSON takes a few hundred milliseconds of CPU. On the event loop that
+    would stall every stream of the replica for as long; in a thread, the loop gets the GIL
+    back between the decoder's steps (see benchmarks/body_stall.py for what it buys)."""
     raw = await request.body()
-    if not raw.strip():
+    if len(raw) > THREAD_DECODE_BYTES:
+        return await asyncio.to_thread(decode_json_object, raw)
+    return decode_json_object(raw)
+
+
+def decode_json_object(raw: bytes) -> dict[str, Any]:
+    if not raw or raw.isspace():  # isspace stops at the first other byte; strip copies
         raise RequestError("The request body is empty: send a JSON object.")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        if _MAYBE_SURROGATE.search(raw):
+            _refuse_lone_surrogates(body, "body")
+    except ValueError as exc:  # not JSON, not UTF-8, or a number of over 4300 digits
         raise RequestError(f"The request body is not valid JSON ({exc}).") from None
+    except RecursionError:
+        raise RequestError("The request body is nested too deeply to be read.") from None
     if not isinstance(body, dict):
         raise RequestError(f"The request body must be a JSON object, not {type(body).__name__}.")
     return body
+
+
+# JSON may spell a UTF-16 surrogate as an escape (and Python's decoder lets one through
+# raw): paired, the decoder joins them into one character; alone, the string is not Unicode
+# text, and vLLM's engine fails to encode it (a 500). Bodies without either skip the walk.
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _refuse_lone_surrogates(value: Any, where: str) -> None:
+    if isinstance(value, str):
+        found = _LONE_SURROGATE.search(value)
+        if found:
+            raise RequestError(f"{where} holds a lone UTF-16 surrogate (U+{ord(found[0]):04X}), "
+                               "which is not Unicode text: encode the text as UTF-8.",
+                               param=None if where == "body" else where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_lone_surrogates(key, where)
+            _refuse_lone_surrogates(item, key if where == "body" else f"{where}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_lone_surrogates(item, f"{where}[{index}]")
 
 
 def check_chat_messages(body: dict[str, Any]) -> None:
@@ -255,7 +298,7 @@ class OpenAISurface:
         check_param_types(body, CHAT_PARAM_TYPES)
         check_token_limits(body)
         body = await self._media.resolve(body, deadline=self._media_deadline())
-        parsed = ChatCompletionRequest.model_validate(body)
+        parsed = validate_request(ChatCompletionRequest, body)
         usage_requested = _ask_for_usage(parsed)
         result = await self._chat.create_chat_completion(parsed, request)
         return _finish_stream(result, usage_requested, parsed.n or 1)
@@ -267,7 +310,7 @@ class OpenAISurface:
             raise RequestError("Missing required parameter: 'prompt'.", param="prompt")
         check_param_types(body, COMPLETION_PARAM_TYPES)
         check_token_limits(body)
-        parsed = CompletionRequest.model_validate(body)
+        parsed = validate_request(CompletionRequest, body)
         usage_requested = _ask_for_usage(parsed)
         result = await self._completion.create_completion(parsed, request)
         prompts = len(parsed.prompt) if isinstance(parsed.prompt, list) and parsed.prompt \
