@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from truss_llm.api_media import resolve_anthropic_messages
 from truss_llm.engine import Engine
-from truss_llm.errors import RequestError
+from truss_llm.errors import RequestError, validate_request
 from truss_llm.openai_surface import OpenAISurface, check_param_types
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class AnthropicSurface:
                                f"{limit!r}.", param="max_tokens")
         body = await resolve_anthropic_messages(self._surface.media, body,
                                                 self._surface.media_deadline())
-        parsed = AnthropicMessagesRequest.model_validate(body)
+        parsed = validate_request(AnthropicMessagesRequest, body)
         result = await self._serving.create_messages(parsed, request)
         if isinstance(result, AnthropicMessagesResponse):
             return result.model_dump(mode="json", exclude_none=True)

@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from truss_llm.api_media import resolve_responses_input
 from truss_llm.engine import Engine
-from truss_llm.errors import RequestError
+from truss_llm.errors import RequestError, validate_request
 from truss_llm.openai_surface import (
     OpenAISurface,
     check_param_types,
@@ -81,7 +81,7 @@ class ResponsesSurface:
                                f"least 1, got {limit!r}.", param="max_output_tokens")
         body = await resolve_responses_input(self._surface.media, body,
                                              self._surface.media_deadline())
-        parsed = ResponsesRequest.model_validate(body)
+        parsed = validate_request(ResponsesRequest, body)
         result = await self._serving.create_responses(parsed, request)
         if isinstance(result, ResponsesResponse):
             return result.model_dump(mode="json", by_alias=True)  # `schema`, not `schema_`
