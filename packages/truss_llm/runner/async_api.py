@@ -2,7 +2,9 @@
 `GET`/`DELETE /async_request/{id}` and `GET .../async_queue_status`.
 
 The queue and its workers live in `queue.py` and `worker.py`; this module only validates,
-enqueues and answers, in Baseten's error shape (`{"error": "<message>"}`).
+enqueues and answers, in Baseten's error shape (`{"error": "<message>"}`). A store that
+fails (store_health.py) is a 503 with Retry-After on these routes, never a 500, and on the
+readiness probe too while it stays broken.
 """
 
 from __future__ import annotations
@@ -21,7 +23,12 @@ from truss_llm.media.policy import FetchError
 from truss_llm.runner import webhooks
 from truss_llm.runner.body import BodyTooLarge, read_body
 from truss_llm.runner.models import AsyncPredictRequest
-from truss_llm.runner.queue import AsyncQueue, PayloadTooLargeError, QueueFullError
+from truss_llm.runner.queue import (
+    AsyncQueue,
+    PayloadTooLargeError,
+    QueueFullError,
+    QueueUnavailable,
+)
 from truss_llm.runner.settings import RunnerSettings
 from truss_llm.runner.worker import AsyncWorker
 
@@ -41,8 +48,17 @@ class AsyncApi:
         self.settings = settings
         # set_function replaces the last one: a second surface in one process (tests)
         # reports its own queue.
-        QUEUED.set_function(lambda: queue.queue_status().num_queued_requests)
-        IN_PROGRESS.set_function(lambda: queue.queue_status().num_in_progress_requests)
+        QUEUED.set_function(lambda: _depth(queue, "num_queued_requests"))
+        IN_PROGRESS.set_function(lambda: _depth(queue, "num_in_progress_requests"))
+
+    def readiness_refusal(self) -> Response | None:
+        """The readiness probe's 503 while the store stays broken (nothing would run what
+        async_predict took), else None."""
+        try:
+            self.queue.check_available()
+        except QueueUnavailable as exc:
+            return unavailable(exc)
+        return None
 
     async def predict(self, scope: dict, receive: Callable, environment: str) -> Response:
         limit = self.settings.max_async_input_bytes
@@ -71,6 +87,8 @@ class AsyncApi:
                                       "set model_input.stream to false.")
         try:
             request_id = await asyncio.to_thread(self.queue.enqueue, request, environment)
+        except QueueUnavailable as exc:  # a full disk, a lock held too long, a broken store
+            return unavailable(exc)
         except QueueFullError as exc:
             return baseten_error(429, f"{exc}. Retry with backoff.")
         except PayloadTooLargeError as exc:
@@ -83,6 +101,12 @@ class AsyncApi:
 
     async def request(self, request_id: str, method: str) -> Response:
         """`GET` (the record) or `DELETE` (cancel a queued request) `/async_request/{id}`."""
+        try:
+            return await self._request(request_id, method)
+        except QueueUnavailable as exc:
+            return unavailable(exc)
+
+    async def _request(self, request_id: str, method: str) -> Response:
         if method not in ("GET", "DELETE") or not request_id or "/" in request_id:
             return baseten_error(404, "Use GET or DELETE /async_request/{request_id}.")
         if method == "DELETE":
@@ -100,5 +124,20 @@ class AsyncApi:
         return JSONResponse(record.model_dump(mode="json"))
 
     async def queue_status(self) -> Response:
-        status = await asyncio.to_thread(self.queue.queue_status)
+        try:
+            status = await asyncio.to_thread(self.queue.queue_status)
+        except QueueUnavailable as exc:
+            return unavailable(exc)
         return JSONResponse(status.model_dump(mode="json"))
+
+
+def unavailable(exc: QueueUnavailable) -> Response:
+    return baseten_error(503, str(exc), exc.headers)
+
+
+def _depth(queue: AsyncQueue, field: str) -> float:
+    """A queue depth for a scrape; NaN when the store cannot be read (the scrape goes on)."""
+    try:
+        return getattr(queue.queue_status(), field)
+    except QueueUnavailable:
+        return float("nan")

@@ -36,14 +36,14 @@ from truss_llm.runner.auth import MISSING_KEY, WS_POLICY_VIOLATION, authorized
 from truss_llm.runner.forward import TrussCaller
 from truss_llm.runner.lifecycle import ModelLifecycle
 from truss_llm.runner.lifespan import Lifespan
-from truss_llm.runner.model_cards import MODELS_PREFIX, ModelCards, not_found
-from truss_llm.runner.queue import AsyncQueue
+from truss_llm.runner.model_cards import MODELS_PREFIX, TRUSS_MODEL_NAME, ModelCards, not_found
 from truss_llm.runner.respond import respond
 from truss_llm.runner.settings import RunnerSettings
-from truss_llm.runner.worker import AsyncWorker
+from truss_llm.runner.worker import AsyncWorker, open_queue
 
 ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 ASYNC_REQUEST_PREFIX = "/async_request/"
+READINESS_PATH = MODELS_PREFIX + TRUSS_MODEL_NAME  # truss's readiness probe
 ROUTES_HELP = ("Routes: POST .../predict, POST .../async_predict, GET .../async_queue_status, "
                "POST .../wake, POST .../sync/v1/chat/completions, "
                "GET/DELETE /async_request/{id}.")
@@ -57,7 +57,7 @@ class BasetenSurface:
                                         settings.wake_timeout_s)
         self.truss = TrussCaller(truss_app, self.lifecycle, settings)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self.queue = AsyncQueue(settings.queue_path, settings.model_id, settings.deployment_id)
+        self.queue = open_queue(settings)
         self.worker = AsyncWorker(self.queue, settings, self.truss.call_model)
         self.async_api = AsyncApi(self.queue, self.worker, settings)
         self.cards = ModelCards(self.lifecycle)
@@ -80,6 +80,10 @@ class BasetenSurface:
         if not authorized(scope, self.settings.api_key):
             render = openai_error if "/v1/" in path else baseten_error
             await respond(render(401, MISSING_KEY), scope, receive, send, "auth")
+            return
+        if path == READINESS_PATH and method == "GET" and (
+                unready := self.async_api.readiness_refusal()) is not None:
+            await respond(unready, scope, receive, send, "readiness")  # a broken queue store
             return
         if path == "/v1/models" and method == "GET":
             await respond(await self.cards.listing(), scope, receive, send, "models")
