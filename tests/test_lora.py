@@ -46,6 +46,10 @@ def test_listed_adapters_turn_lora_on_sized_for_them(tmp_path: Path) -> None:
     # rank 8 adapter, one of them: LoRA on, one slot, vLLM's smallest rank that holds 8
     assert (args.enable_lora, args.max_loras, args.max_lora_rank) == (True, 1, 8)
     assert lora.engine_defaults([]) == {}
+    # An explicit engine value wins over what the adapters need.
+    config["model_metadata"]["engine"].update(max_lora_rank=16, max_loras=4)
+    args = engine_args(resolve_settings(config, REPO / "data", environ={}, has_gpu=True))
+    assert (args.enable_lora, args.max_loras, args.max_lora_rank) == (True, 4, 16)
 
 
 def test_adapters_from_the_environment_and_the_cpu_fallback() -> None:

@@ -203,6 +203,16 @@ def test_messages_errors_reach_the_sdk_as_its_own(server: Server, prefix: str) -
     assert bad.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_runner_errors_take_each_apis_shape(server: Server) -> None:
+    unknown = f"{server.base_url}/environments/no-such-env/sync/v1"
+    message = httpx.post(f"{unknown}/messages", json={}, timeout=30)
+    assert message.status_code == 404
+    assert message.json()["type"] == "error"
+    assert message.json()["error"]["type"] == "not_found_error"
+    response = httpx.post(f"{unknown}/responses", json={}, timeout=30)
+    assert response.status_code == 404 and response.json()["error"]["code"] == 404
+
+
 # -- disconnects --------------------------------------------------------------------------
 
 def _wait_until_idle(server: Server) -> None:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
 from truss_llm.api_media import resolve_anthropic_messages
 from truss_llm.engine import Engine
-from truss_llm.errors import RequestError, validate_request
+from truss_llm.errors import RequestError, anthropic_error, validate_request
 from truss_llm.openai_surface import OpenAISurface, check_param_types
 
 if TYPE_CHECKING:
@@ -29,20 +28,6 @@ _BOOLEAN, _INTEGER, _NUMBER = "a boolean", "an integer", "a number"
 # The Messages API's JSON types for its scalar parameters (vLLM's models are lax).
 MESSAGES_PARAM_TYPES = {"stream": _BOOLEAN, "max_tokens": _INTEGER, "top_k": _INTEGER,
                         "temperature": _NUMBER, "top_p": _NUMBER}
-# Anthropic's error types by status (docs.anthropic.com, "Errors").
-ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                         403: "permission_error", 404: "not_found_error",
-                         413: "request_too_large", 422: "invalid_request_error",
-                         429: "rate_limit_error", 503: "overloaded_error",
-                         504: "timeout_error"}
-
-
-def anthropic_error(status: int, message: str, headers: dict[str, str] | None = None
-                    ) -> JSONResponse:
-    kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500
-                                     else "invalid_request_error")
-    return JSONResponse({"type": "error", "error": {"type": kind, "message": message}},
-                        status_code=status, headers=headers)
 
 
 def render_anthropic_error(error: RequestError) -> Response:

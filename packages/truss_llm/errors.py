@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, TypeVar
 
@@ -88,6 +89,32 @@ def openai_error(status: int, message: str, param: str | None = None,
 def baseten_error(status: int, message: str, headers: dict[str, str] | None = None
                   ) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+# Anthropic's error types by status (docs.anthropic.com, "Errors").
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                         403: "permission_error", 404: "not_found_error",
+                         413: "request_too_large", 422: "invalid_request_error",
+                         429: "rate_limit_error", 503: "overloaded_error",
+                         504: "timeout_error"}
+
+
+def anthropic_error(status: int, message: str, headers: dict[str, str] | None = None
+                    ) -> JSONResponse:
+    """Anthropic's shape, on its Messages route: the Anthropic SDK reads it."""
+    kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500
+                                     else "invalid_request_error")
+    return JSONResponse({"type": "error", "error": {"type": kind, "message": message}},
+                        status_code=status, headers=headers)
+
+
+def error_renderer_for(path: str) -> Callable[[int, str], JSONResponse]:
+    """The error shape the client of `path` reads: Anthropic's on its Messages route (at
+    /v1/messages or under a Baseten `.../sync` prefix), OpenAI's on the other /v1/ routes,
+    Baseten's elsewhere."""
+    if path.endswith("/v1/messages"):
+        return anthropic_error
+    return openai_error if "/v1/" in path else baseten_error
 
 
 def sse_error_event(status: int, message: str) -> bytes:

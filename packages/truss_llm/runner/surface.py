@@ -29,21 +29,21 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from truss_llm.errors import baseten_error, openai_error
+from truss_llm.errors import baseten_error, error_renderer_for
 from truss_llm.runner import routes
 from truss_llm.runner.async_api import AsyncApi
 from truss_llm.runner.auth import MISSING_KEY, WS_POLICY_VIOLATION, authorized
 from truss_llm.runner.forward import TrussCaller
 from truss_llm.runner.lifecycle import ModelLifecycle
 from truss_llm.runner.lifespan import Lifespan
-from truss_llm.runner.model_cards import MODELS_PREFIX, TRUSS_MODEL_NAME, ModelCards, not_found
+from truss_llm.runner.model_cards import MODELS_PREFIX, ModelCards, not_found
+from truss_llm.runner.queue import AsyncQueue
 from truss_llm.runner.respond import respond
 from truss_llm.runner.settings import RunnerSettings
-from truss_llm.runner.worker import AsyncWorker, open_queue
+from truss_llm.runner.worker import AsyncWorker
 
 ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
 ASYNC_REQUEST_PREFIX = "/async_request/"
-READINESS_PATH = MODELS_PREFIX + TRUSS_MODEL_NAME  # truss's readiness probe
 ROUTES_HELP = ("Routes: POST .../predict, POST .../async_predict, GET .../async_queue_status, "
                "POST .../wake, POST .../sync/v1/chat/completions, "
                "GET/DELETE /async_request/{id}.")
@@ -57,7 +57,7 @@ class BasetenSurface:
                                         settings.wake_timeout_s)
         self.truss = TrussCaller(truss_app, self.lifecycle, settings)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self.queue = open_queue(settings)
+        self.queue = AsyncQueue(settings.queue_path, settings.model_id, settings.deployment_id)
         self.worker = AsyncWorker(self.queue, settings, self.truss.call_model)
         self.async_api = AsyncApi(self.queue, self.worker, settings)
         self.cards = ModelCards(self.lifecycle)
@@ -78,12 +78,8 @@ class BasetenSurface:
             return
         path, method = scope["path"], scope["method"]
         if not authorized(scope, self.settings.api_key):
-            render = openai_error if "/v1/" in path else baseten_error
-            await respond(render(401, MISSING_KEY), scope, receive, send, "auth")
-            return
-        if path == READINESS_PATH and method == "GET" and (
-                unready := self.async_api.readiness_refusal()) is not None:
-            await respond(unready, scope, receive, send, "readiness")  # a broken queue store
+            await respond(error_renderer_for(path)(401, MISSING_KEY), scope, receive, send,
+                          "auth")
             return
         if path == "/v1/models" and method == "GET":
             await respond(await self.cards.listing(), scope, receive, send, "models")
@@ -111,8 +107,8 @@ class BasetenSurface:
             try:
                 routes.check_deployment(found.deployment, self.settings)
             except routes.UnknownDeployment as exc:
-                render = openai_error if action.startswith("/sync/v1/") else baseten_error
-                await respond(render(404, str(exc)), scope, receive, send, "unknown")
+                await respond(error_renderer_for(action)(404, str(exc)), scope, receive, send,
+                              "unknown")
                 return
         environment = found.deployment.name if found.deployment else "production"
         if action.startswith(routes.SYNC_PREFIX + "/v1/"):
@@ -149,4 +145,5 @@ class BasetenSurface:
             card = await self.cards.card(name)
             await respond(card or not_found(name), scope, receive, send, "models")
         else:
-            await self.truss.sync(scope, receive, send, openai_path, "openai", openai_error)
+            await self.truss.sync(scope, receive, send, openai_path, "openai",
+                                  error_renderer_for(openai_path))
