@@ -7,6 +7,7 @@ ends the request without waiting for the other fetches.
 from __future__ import annotations
 
 import asyncio
+import base64
 import threading
 import time
 from collections.abc import Iterator
@@ -105,3 +106,78 @@ def test_the_first_failure_ends_the_request(base_url: str) -> None:
     assert failed.value.status == 422
     assert "messages[0].content[1]" in str(failed.value)
     assert time.monotonic() - started < 5
+
+
+# -- memory: what a request and the replica may hold --------------------------------------
+
+def inline_image(size: int) -> dict[str, Any]:
+    data = base64.b64encode(b"\0" * size).decode()
+    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
+
+
+def images(*sizes: int) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": [inline_image(s) for s in sizes]}]}
+
+
+def media_resolver(**limits: int) -> MediaResolver:
+    return MediaResolver(FetchPolicy(**limits), "tiny-vlm", max_model_len=512,
+                         longest_token_chars=16, modalities=frozenset({"text", "image"}))
+
+
+def test_a_lease_holds_the_replica_budget_until_released() -> None:
+    media = media_resolver(max_image_bytes=1000, max_request_media_bytes=1500,
+                           replica_media_budget_bytes=2000)
+    first = media.lease()
+    asyncio.run(media.resolve(images(900, 600), lease=first))
+    assert media.budget.in_use == 1500
+    with pytest.raises(RequestError) as busy:
+        asyncio.run(media.resolve(images(600)))
+    assert busy.value.status == 429 and busy.value.retry_after_s >= 1
+    assert "replica_media_budget_bytes" in busy.value.message
+    assert media.budget.in_use == 1500  # the refused request took nothing
+    first.release()
+    assert media.budget.in_use == 0
+    asyncio.run(media.resolve(images(600)))  # counted while resolving only
+    assert media.budget.in_use == 0
+
+
+def test_a_stream_releases_its_media_when_it_ends() -> None:
+    media = media_resolver()
+
+    async def tokens():
+        yield "a"
+        yield "b"
+
+    async def run() -> None:
+        lease = media.lease()
+        await media.resolve(images(100), lease=lease)
+        stream = lease.hold(tokens())
+        assert media.budget.in_use == 100
+        assert [chunk async for chunk in stream] == ["a", "b"]
+        assert media.budget.in_use == 0
+
+    asyncio.run(run())
+
+
+def test_caps_per_part_and_per_request_are_413s() -> None:
+    media = media_resolver(max_image_bytes=1000, max_request_media_bytes=1500,
+                           replica_media_budget_bytes=2000)
+    with pytest.raises(RequestError) as too_big:
+        asyncio.run(media.resolve(images(1200)))
+    assert too_big.value.status == 413 and "max_image_bytes" in too_big.value.message
+    with pytest.raises(RequestError) as too_many:
+        asyncio.run(media.resolve(images(800, 800)))
+    assert too_many.value.status == 413
+    assert "max_request_media_bytes" in too_many.value.message
+    assert media.budget.in_use == 0
+
+
+def test_resolve_parts_serves_other_apis() -> None:
+    """Responses / Anthropic routes translate their parts to chat parts and resolve a list."""
+    media = media_resolver()
+    parts = [{"type": "text", "text": "hi"}, inline_image(10)]
+    assert asyncio.run(media.resolve_parts(parts, "input[0].content")) == parts
+    with pytest.raises(RequestError) as refused:
+        asyncio.run(media.resolve_parts([{"image_url": "file:///etc/passwd"}],
+                                        "input[0].content"))
+    assert refused.value.param == "input[0].content[0].image_url"

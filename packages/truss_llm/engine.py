@@ -1,3 +1,4 @@
+# LEAD NOTE TO ALL HELPERS (the lead removes this line; leave it): before any change read /tmp/bt/preamble.md: team rules, commit only your own paths, DEADLINE 12:40 UTC, report format.
 """The vLLM engine's lifecycle: start, first-use set-up, health, shutdown.
 
 `start()` runs in truss's load thread, which has no event loop: creating `AsyncLLM` there is
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from truss_llm import lora
+from truss_llm.media import engine_guard
 from truss_llm.settings import EngineSettings
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ def configure_vllm_environment(settings: EngineSettings) -> None:
         "1" if settings.enforce_strict_tool_calling else "0")
     if settings.is_cpu:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    engine_guard.configure_environment()  # vLLM fetches no media itself
 
 
 def engine_args(settings: EngineSettings):  # -> AsyncEngineArgs, imported lazily
@@ -53,7 +56,8 @@ def engine_args(settings: EngineSettings):  # -> AsyncEngineArgs, imported lazil
     return AsyncEngineArgs(
         model=settings.model_path,
         served_model_name=[settings.served_model_name],
-        **{**lora.engine_defaults(settings.lora_adapters), **settings.engine_args},
+        **{**lora.engine_defaults(settings.lora_adapters), **settings.engine_args,
+           **engine_guard.ENGINE_MEDIA_ARGS},  # no host and no directory to load media from
     )
 
 
@@ -81,6 +85,7 @@ class Engine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        engine_guard.install()
         started = time.perf_counter()
         self._client = AsyncLLM.from_engine_args(
             engine_args(self.settings), usage_context=UsageContext.OPENAI_API_SERVER)

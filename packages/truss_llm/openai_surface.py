@@ -1,3 +1,4 @@
+# LEAD NOTE TO ALL HELPERS (the lead removes this line; leave it): before any change read /tmp/bt/preamble.md: team rules, commit only your own paths, DEADLINE 12:40 UTC, report format.
 """OpenAI's chat and completions protocol, served by vLLM's own serving classes in-process.
 
 The classes behind `vllm serve` (`OpenAIServingChat`, `OpenAIServingCompletion`) do the
@@ -36,7 +37,7 @@ from truss_llm.errors import (
     openai_error,
     validate_request,
 )
-from truss_llm.media.parts import MediaResolver
+from truss_llm.media.parts import MediaResolver, model_modalities
 from truss_llm.media.policy import FetchPolicy
 from truss_llm.settings import EngineSettings
 
@@ -266,12 +267,10 @@ class OpenAISurface:
             models, renderer, budgeted, chat_template)
         self._admission = Admission(client.vllm_config.scheduler_config.max_num_queued_reqs)
         tokenizer = client.renderer.tokenizer
-        multimodal = client.model_config.is_multimodal_model
         self._media = MediaResolver(
             self._media_policy, settings.served_model_name, client.model_config.max_model_len,
             longest_token_chars=max(len(token) for token in tokenizer.get_vocab()),
-            modalities=frozenset({"text", "image", "audio", "video"} if multimodal
-                                 else {"text"}))
+            modalities=model_modalities(client.model_config))
 
     async def chat_completions(self, request: Request,
                                render_error: ErrorRenderer | None = None) -> Response:
@@ -297,11 +296,16 @@ class OpenAISurface:
         check_chat_messages(body)
         check_param_types(body, CHAT_PARAM_TYPES)
         check_token_limits(body)
-        body = await self._media.resolve(body, deadline=self._media_deadline())
-        parsed = validate_request(ChatCompletionRequest, body)
-        usage_requested = _ask_for_usage(parsed)
-        result = await self._chat.create_chat_completion(parsed, request)
-        return _finish_stream(result, usage_requested, parsed.n or 1)
+        lease = self._media.lease()  # the request's media bytes, held until it is answered
+        try:
+            body = await self._media.resolve(body, deadline=self._media_deadline(), lease=lease)
+            parsed = validate_request(ChatCompletionRequest, body)
+            usage_requested = _ask_for_usage(parsed)
+            result = await self._chat.create_chat_completion(parsed, request)
+        except BaseException:
+            lease.release()
+            raise
+        return lease.hold(_finish_stream(result, usage_requested, parsed.n or 1))
 
     async def _create_completion(self, body: dict[str, Any], request: Request):
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest

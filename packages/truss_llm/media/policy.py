@@ -24,12 +24,25 @@ from typing import Annotated
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-GiB = 1024 * 1024 * 1024
+MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 DEFAULT_MAX_BYTES = 2 * GiB
+# Caps on one media part of a chat request, fetched or inlined (model side; `max_bytes` is
+# the fetcher's own ceiling for any use). OpenAI takes images up to 20 MB and audio files up
+# to 25 MB; a video and a text document get room for a short clip and a long report, since
+# a document is further bounded by what the model's context can hold.
+DEFAULT_MAX_IMAGE_BYTES = 20 * MiB
+DEFAULT_MAX_AUDIO_BYTES = 25 * MiB
+DEFAULT_MAX_VIDEO_BYTES = 64 * MiB
+DEFAULT_MAX_FILE_BYTES = 32 * MiB
+# All parts of one request together, and all requests of a replica together (bytes of media
+# held in memory at once; see media/memory.py).
+DEFAULT_MAX_REQUEST_MEDIA_BYTES = 96 * MiB
+DEFAULT_REPLICA_MEDIA_BUDGET_BYTES = 512 * MiB
 DEFAULT_MAX_REDIRECTS = 5
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_READ_TIMEOUT_S = 30.0  # longest silence between two received bytes
@@ -154,6 +167,28 @@ class FetchPolicy(BaseModel):
     # A PEM bundle to verify servers against instead of the system's and certifi's CAs: an
     # S3-compatible store behind a private CA. The hostname is still checked.
     ca_file: Annotated[str | None, AfterValidator(_readable_file)] = None
+    # Memory bounds of the chat path (parts.py, memory.py): per part by modality, per
+    # request, and per replica (past the last one: 429 with Retry-After).
+    max_image_bytes: int = Field(default=DEFAULT_MAX_IMAGE_BYTES, gt=0)
+    max_audio_bytes: int = Field(default=DEFAULT_MAX_AUDIO_BYTES, gt=0)
+    max_video_bytes: int = Field(default=DEFAULT_MAX_VIDEO_BYTES, gt=0)
+    max_file_bytes: int = Field(default=DEFAULT_MAX_FILE_BYTES, gt=0)
+    max_request_media_bytes: int = Field(default=DEFAULT_MAX_REQUEST_MEDIA_BYTES, gt=0)
+    replica_media_budget_bytes: int = Field(default=DEFAULT_REPLICA_MEDIA_BUDGET_BYTES, gt=0)
+
+    @model_validator(mode="after")
+    def _request_fits_replica(self) -> FetchPolicy:
+        # Otherwise a request under its own cap could be told to retry (429) forever.
+        if self.max_request_media_bytes > self.replica_media_budget_bytes:
+            raise ValueError(
+                f"max_request_media_bytes ({self.max_request_media_bytes}) must not exceed "
+                f"replica_media_budget_bytes ({self.replica_media_budget_bytes})")
+        return self
+
+    def max_part_bytes(self, modality: str) -> int:
+        """The cap on one part of `modality` (image, audio, video, file)."""
+        cap = getattr(self, f"max_{modality}_bytes")
+        return min(cap, self.max_bytes, self.max_request_media_bytes)
 
     @property
     def host_patterns(self) -> tuple[str, ...]:
