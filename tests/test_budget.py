@@ -355,3 +355,65 @@ def test_a_ramp_of_long_requests_is_never_cut_off_by_the_504(http: httpx.Client)
             assert_marked_stream(payload)
         else:
             assert_marked_answer(payload)
+
+
+# The Responses and Anthropic Messages routes share the chat route's engine wrapper. A long
+# Responses answer ignores EOS as chat's does; the Messages API has no such parameter, so
+# a schema that needs thousands of digits keeps the tiny model from ending early.
+LONG_RESPONSE = {"model": MODEL_NAME, "input": "Write a very long story.",
+                 "max_output_tokens": LONG_TOKENS, "ignore_eos": True}
+DIGITS = {"type": "object", "required": ["digits"], "additionalProperties": False,
+          "properties": {"digits": {"type": "array", "minItems": LONG_TOKENS,
+                                    "items": {"type": "integer", "minimum": 0, "maximum": 9}}}}
+LONG_MESSAGE = {"model": MODEL_NAME, "max_tokens": LONG_TOKENS,
+                "messages": [{"role": "user", "content": "Count."}],
+                "output_config": {"format": {"type": "json_schema", "schema": DIGITS}}}
+
+
+def named_events(http: httpx.Client, path: str, body: dict[str, Any]
+                 ) -> tuple[dict[str, dict], float]:
+    """The last event of each name in a Responses or Messages stream, and the time taken."""
+    started = time.monotonic()
+    events: dict[str, dict] = {}
+    with http.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200
+        name = None
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: ") and name:
+                events[name] = json.loads(line[len("data: "):])
+    return events, time.monotonic() - started
+
+
+@pytest.mark.parametrize("prefix", ["", "/environments/production/sync"])
+def test_responses_and_messages_are_held_to_the_budget(http: httpx.Client, prefix: str
+                                                       ) -> None:
+    started = time.monotonic()
+    response = http.post(f"{prefix}/v1/responses", json=LONG_RESPONSE)
+    assert time.monotonic() - started < BUDGET_S
+    assert response.status_code == 200 and response.headers[MARKER_HEADER] == "true"
+    body = response.json()
+    assert body[MARKER_FIELD] is True and body["status"] == "incomplete"
+    assert 0 < body["usage"]["output_tokens"] < LONG_TOKENS
+
+    started = time.monotonic()
+    message = http.post(f"{prefix}/v1/messages", json=LONG_MESSAGE)
+    assert time.monotonic() - started < BUDGET_S
+    assert message.status_code == 200 and message.headers[MARKER_HEADER] == "true"
+    assert message.json()[MARKER_FIELD] is True
+    assert message.json()["stop_reason"] == "max_tokens"
+
+
+def test_responses_and_messages_streams_end_marked_before_the_deadline(http: httpx.Client
+                                                                       ) -> None:
+    events, elapsed = named_events(http, "/v1/responses", LONG_RESPONSE)
+    assert elapsed < BUDGET_S, f"{elapsed:.2f} s"
+    final = events.get("response.completed") or events["response.incomplete"]
+    assert final[MARKER_FIELD] is True and final["response"]["status"] == "incomplete"
+
+    events, elapsed = named_events(http, "/v1/messages", LONG_MESSAGE)
+    assert elapsed < BUDGET_S, f"{elapsed:.2f} s"
+    assert events["message_delta"][MARKER_FIELD] is True
+    assert events["message_delta"]["delta"]["stop_reason"] == "max_tokens"
+    assert "message_stop" in events

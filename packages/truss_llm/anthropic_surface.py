@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from truss_llm import budget
 from truss_llm.api_media import resolve_anthropic_messages
 from truss_llm.engine import Engine
 from truss_llm.errors import RequestError, anthropic_error, validate_request
@@ -77,4 +78,8 @@ class AnthropicSurface:
         result = await self._serving.create_messages(parsed, request)
         if isinstance(result, AnthropicMessagesResponse):
             return result.model_dump(mode="json", exclude_none=True)
+        deadline = budget.current()
+        if deadline is not None and hasattr(result, "__anext__"):
+            # The marker goes where a stream's stop_reason and usage are.
+            return budget.mark_final_event(result, deadline, frozenset({"message_delta"}))
         return result  # SSE strings, or an ErrorResponse

@@ -18,6 +18,7 @@ request came through `/predict` or `/async_predict`. So a deployment's requests 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import os
@@ -206,3 +207,30 @@ def _finish_chunk(usage_chunk: dict[str, Any], choices: int) -> str:
     chunk = {key: usage_chunk[key] for key in ("id", "object", "created", "model")
              if key in usage_chunk}
     return f"{_SSE_DATA}{json.dumps({**chunk, 'choices': ends})}\n\n"
+
+
+async def mark_final_event(stream: AsyncIterator[str], deadline: Deadline,
+                           final_events: frozenset[str]) -> AsyncIterator[str]:
+    """For the Responses and Anthropic streams (named SSE events): put the marker in the
+    event that ends the answer when the budget ended it; every other event passes as is."""
+    async for chunk in stream:
+        if deadline.truncated and chunk.startswith("event: "):
+            name, _, data = chunk.partition("\n")
+            if name[len("event: "):].strip() in final_events and data.startswith(_SSE_DATA):
+                event = json.loads(data[len(_SSE_DATA):])
+                event[MARKER_FIELD] = True
+                chunk = f"{name}\n{_SSE_DATA}{json.dumps(event, separators=(',', ':'))}\n\n"
+        yield chunk
+
+
+async def within(stream: AsyncIterator[str], deadline: Deadline) -> AsyncIterator[str]:
+    """Iterate `stream` with `deadline` as the current one. vLLM's Responses stream starts
+    its generation on its first iteration, in the task that sends the response, where the
+    request's context (and so its deadline) is no longer set."""
+    token = enter(deadline)
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        with contextlib.suppress(ValueError):  # closed from another context: nothing to undo
+            leave(token)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from truss_llm import budget
 from truss_llm.api_media import resolve_responses_input
 from truss_llm.engine import Engine
 from truss_llm.errors import RequestError, validate_request
@@ -39,6 +40,10 @@ RESPONSES_PARAM_TYPES = {
     "max_tool_calls": _INTEGER, "top_logprobs": _INTEGER, "temperature": _NUMBER,
     "top_p": _NUMBER,
 }
+
+
+# The event that ends a streamed answer: the budget's marker goes there.
+RESPONSES_FINAL_EVENTS = frozenset({"response.completed", "response.incomplete"})
 
 
 class ResponsesSurface:
@@ -86,8 +91,16 @@ class ResponsesSurface:
         if isinstance(result, ResponsesResponse):
             return result.model_dump(mode="json", by_alias=True)  # `schema`, not `schema_`
         if hasattr(result, "__anext__"):
-            return _sse_events(result)
+            return _marked(_sse_events(result), RESPONSES_FINAL_EVENTS)
         return result  # an ErrorResponse
+
+
+def _marked(stream: AsyncIterator[str], final_events: frozenset[str]) -> AsyncIterator[str]:
+    """The stream held to the request's deadline, its final event marked if that ended it."""
+    deadline = budget.current()
+    if deadline is None:
+        return stream
+    return budget.mark_final_event(budget.within(stream, deadline), deadline, final_events)
 
 
 async def _sse_events(events: AsyncIterator[Any]) -> AsyncIterator[str]:
