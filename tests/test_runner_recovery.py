@@ -1,26 +1,42 @@
-"""Nothing accepted is lost: `kill -9` of the runner, then a restart on the same queue;
-and scale-to-zero, where requests wait for the model instead of failing."""
+"""Nothing accepted is lost: `kill -9` of the runner, then a restart on the same queue; a
+SIGTERM, which drains the runner first; and scale-to-zero, where requests wait for the model
+instead of failing and the model is never unloaded under work in flight."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import json
 import signal
+import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 from conftest import (
     MODEL_NAME,
+    Server,
     WebhookReceiver,
     start_server,
     stop_server,
     wait_for_status,
 )
+from truss_llm.runner.lifecycle import IDLE_CHECK_S, ModelLifecycle
+from truss_llm.runner.queue import AsyncQueue
 
 SHORT = {"model": MODEL_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
 LONG = {**SHORT, "max_tokens": 480, "n": 8, "ignore_eos": True, "temperature": 1.0}
 MIN_QUEUE_S = 10  # Baseten's smallest max_time_in_queue_seconds
 FINAL = {"SUCCEEDED", "FAILED", "EXPIRED", "CANCELED", "WEBHOOK_FAILED"}
+# Generations that take seconds on any machine (decoding steps, not n, make them long), in a
+# raised context.
+LONG_CONTEXT = {"TRUSS_LLM_ENGINE_MAX_MODEL_LEN": "4096"}
+STREAMED = {**SHORT, "max_tokens": 3500, "ignore_eos": True, "temperature": 1.0,
+            "stream": True}
+IDLE_S = 2  # the scale-to-zero servers' idle period
+SMALL_BODY_LIMIT = 1_000_000  # the scale-to-zero server's body limit, compressed from 100 MB
 
 
 def test_kill_9_then_restart_finishes_every_request(tmp_path, receiver: WebhookReceiver) -> None:
@@ -66,9 +82,12 @@ def test_kill_9_then_restart_finishes_every_request(tmp_path, receiver: WebhookR
         stop_server(second)
 
 
-@pytest.fixture
-def sleepy(tmp_path):
-    srv = start_server(tmp_path / "server.log", "--scale-to-zero", "2")
+@pytest.fixture(scope="module")
+def sleepy(tmp_path_factory: pytest.TempPathFactory):
+    srv = start_server(tmp_path_factory.mktemp("sleepy") / "server.log",
+                       "--scale-to-zero", str(IDLE_S),
+                       extra_env={**LONG_CONTEXT, "TRUSS_LLM_RUNNER_MAX_BODY_BYTES":
+                                  str(SMALL_BODY_LIMIT)})
     yield srv
     stop_server(srv)
 
@@ -95,3 +114,202 @@ def test_scale_to_zero_then_requests_and_wake_bring_it_back(sleepy) -> None:
     _wait_ready(base, 503, timeout=15)
     assert httpx.post(f"{base}/production/wake", timeout=10).status_code == 202
     _wait_ready(base, 200, timeout=120)
+
+
+def _stream(base_url: str, path: str, body: dict) -> tuple[int, list[dict], float]:
+    """(status, the stream's events, seconds from the first event to the last)."""
+    events: list[dict] = []
+    first = None
+    with httpx.stream("POST", f"{base_url}{path}", json=body, timeout=300) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            first = first or time.monotonic()
+            data = line[len("data: "):]
+            events.append({"done": True} if data == "[DONE]" else json.loads(data))
+    return response.status_code, events, time.monotonic() - (first or time.monotonic())
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", STREAMED),
+    ("/v1/models/model:predict", STREAMED),
+    ("/v1/completions", {**{k: v for k, v in STREAMED.items() if k != "messages"},
+                         "prompt": "Tell a long story."}),
+])
+def test_a_stream_on_a_truss_route_is_not_unloaded_under(sleepy: Server, path: str,
+                                                         body: dict) -> None:
+    """The truss routes the runner passes through count as activity: scale to zero waits
+    for a stream that outlasts the idle period (before, it stopped the engine under it)."""
+    status, events, lasted = _stream(sleepy.base_url, path, body)
+    assert status == 200
+    assert lasted > IDLE_S + 2 * IDLE_CHECK_S, f"too short ({lasted:.1f} s) to test anything"
+    assert not [e for e in events if "error" in e], events[-3:]
+    assert events[-1] == {"done": True}
+
+
+@pytest.mark.parametrize("method,path,shape", [
+    ("POST", "/v1/chat/completions", "openai"),
+    ("POST", "/v1/completions", "openai"),
+    ("POST", "/v1/models/model:predict", "baseten"),
+    ("POST", "/production/predict", "baseten"),
+    ("POST", "/environments/production/sync/v1/chat/completions", "openai"),
+    ("GET", "/metrics", "baseten"),
+])
+def test_the_body_limit_applies_on_every_route(sleepy: Server, method: str, path: str,
+                                               shape: str) -> None:
+    response = httpx.request(method, f"{sleepy.base_url}{path}", timeout=60,
+                             content=b"x" * (SMALL_BODY_LIMIT + 1),
+                             headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text[:300]
+    error = response.json()["error"]
+    message = error["message"] if shape == "openai" else error
+    assert f"{SMALL_BODY_LIMIT:,} byte limit" in message
+
+
+def test_polling_the_model_list_does_not_keep_the_model_awake(sleepy: Server) -> None:
+    base = sleepy.base_url
+    assert httpx.post(f"{base}/production/predict", json=SHORT, timeout=300).status_code == 200
+    deadline = time.monotonic() + IDLE_S + 30
+    while _ready(base) == 200:  # polled all along: it still scales to zero
+        assert time.monotonic() < deadline, "the model list kept the model awake"
+        listing = httpx.get(f"{base}/v1/models", timeout=10)
+        assert listing.status_code == 200
+        time.sleep(0.2)
+    for _ in range(10):  # ... and polling it asleep does not wake it: its last listing
+        listing = httpx.get(f"{base}/v1/models", timeout=10)
+        assert [m["id"] for m in listing.json()["data"]] == [MODEL_NAME]
+        time.sleep(0.2)
+    assert _ready(base) == 503
+
+
+class _SlowModel:
+    """Stands in for the vLLM model in a lifecycle test: its unload takes until released,
+    and it reports itself loaded until the unload has finished."""
+
+    def __init__(self) -> None:
+        self.loaded = True
+        self.loads = 0
+        self.unloading = threading.Event()
+        self.release = threading.Event()
+
+    def unload(self) -> None:
+        self.unloading.set()
+        self.release.wait(30)
+        self.loaded = False
+
+    def load(self) -> None:
+        self.loads += 1
+        self.loaded = True
+
+    async def is_healthy(self) -> bool:
+        return self.loaded
+
+
+class _Wrapper:
+    """What the lifecycle reads of truss's ModelWrapper."""
+
+    ready, load_failed = True, False
+
+    def __init__(self, model: _SlowModel) -> None:
+        self._model = model
+
+
+def test_a_request_during_an_unload_waits_for_the_model_to_come_back() -> None:
+    """wait_ready's fast path must not let a request through while an unload runs."""
+    async def scenario() -> None:
+        model = _SlowModel()
+        lifecycle = ModelLifecycle(_Wrapper(model), idle_s=0.1, wake_timeout_s=30)
+        watch = asyncio.create_task(lifecycle.run_idle_watch())
+        try:
+            assert await asyncio.to_thread(model.unloading.wait, 30)
+            assert model.loaded  # the model still says so, mid-unload
+            ready = asyncio.create_task(lifecycle.wait_ready())
+            await asyncio.sleep(0.3)
+            assert not ready.done(), "a request went through to a model being unloaded"
+            model.release.set()
+            await asyncio.wait_for(ready, 30)
+            assert model.loaded and model.loads == 1  # woken again, then served
+        finally:
+            model.release.set()
+            watch.cancel()
+
+    asyncio.run(scenario())
+
+
+# -- SIGTERM: drain ------------------------------------------------------------------------
+DRAINED = {**STREAMED, "max_tokens": 2500}
+
+
+def test_sigterm_drains_streams_and_requeues_async_work(tmp_path) -> None:
+    """Streams in flight complete, new work gets 503 with Retry-After, the running async
+    request goes back to the queue with no attempt or crash counted and completes after a
+    restart on the same state directory; the process exits 0."""
+    log = tmp_path / "server.log"  # both runs share the state dir beside it
+    env = {**LONG_CONTEXT, "TRUSS_LLM_RUNNER_DRAIN_GRACE_S": "240"}
+    first = start_server(log, "--workers", "1", extra_env=env)
+    base = first.base_url
+    job = httpx.post(f"{base}/production/async_predict", timeout=30, json={
+        "model_input": {**LONG, "max_tokens": 3500, "n": 1}}).json()["request_id"]
+    wait_for_status(base, job, {"IN_PROGRESS"}, timeout=60)
+    started = [threading.Event(), threading.Event()]
+
+    def stream(path: str, begun: threading.Event) -> tuple[int, list[dict]]:
+        events: list[dict] = []
+        with httpx.stream("POST", f"{base}{path}", json=DRAINED, timeout=300) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    begun.set()
+                    data = line[len("data: "):]
+                    events.append({"done": True} if data == "[DONE]" else json.loads(data))
+        return response.status_code, events
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            streams = [pool.submit(stream, path, begun) for path, begun in zip(
+                ("/v1/chat/completions", "/production/sync/v1/chat/completions"), started,
+                strict=True)]
+            for begun in started:
+                assert begun.wait(120), "a stream never began"
+            first.process.send_signal(signal.SIGTERM)  # the server this test started
+            deadline = time.monotonic() + 10
+            while True:  # new work is refused, in the route's shape, with Retry-After
+                refused = httpx.post(f"{base}/production/predict", json=SHORT, timeout=30)
+                if refused.status_code == 503:
+                    break
+                assert time.monotonic() < deadline, "new work still taken after SIGTERM"
+                time.sleep(0.05)
+            assert int(refused.headers["retry-after"]) > 0
+            assert "shutting down" in refused.json()["error"]
+            chat = httpx.post(f"{base}/v1/chat/completions", json=SHORT, timeout=30)
+            assert chat.status_code == 503 and chat.json()["error"]["code"] == 503
+            assert _ready(base) == 503
+            assert httpx.get(f"{base}/async_request/{job}", timeout=30).status_code == 200
+            for future in streams:  # ... while the streams in flight run to their end
+                status, events = future.result(timeout=300)
+                assert status == 200
+                assert not [e for e in events if "error" in e], events[-3:]
+                assert events[-1] == {"done": True}
+        assert first.process.wait(120) == 0
+    finally:
+        if first.process.poll() is None:
+            stop_server(first)
+    with AsyncQueue(queue_file(log), "local", "local") as queue:
+        interrupted = queue.get_job(job)
+    assert interrupted.status == "QUEUED"
+    assert (interrupted.attempts, interrupted.crash_count) == (0, 0)
+
+    second = start_server(log, "--workers", "1", extra_env=env)
+    try:
+        assert wait_for_status(second.base_url, job, {"SUCCEEDED", "FAILED"},
+                               timeout=300)["status"] == "SUCCEEDED"
+        assert "were running when the runner stopped" not in second.log()  # no crash
+    finally:
+        stop_server(second)
+    with AsyncQueue(queue_file(log), "local", "local") as queue:
+        done = queue.get_job(job)
+    assert (done.attempts, done.crash_count) == (1, 0)  # the one run that finished
+
+
+def queue_file(log: Path) -> Path:
+    """The queue of a server whose log is `log` (start_server puts its state beside it)."""
+    return log.parent / "state" / "async-queue.sqlite3"

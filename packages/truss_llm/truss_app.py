@@ -109,7 +109,12 @@ def build_server(truss_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_
         log_config=log_config.make_log_config(log_level),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
-    server = uvicorn.Server(uv_config)
+    if runner is not None:
+        from truss_llm.runner.drain import DrainingServer
+
+        server = DrainingServer(uv_config, app)  # SIGTERM drains the runner first
+    else:
+        server = uvicorn.Server(uv_config)
     # TrussServer's watchdog stops this server if load() fails (`_server` is private, and
     # what truss's own main sets).
     truss_server._server = server

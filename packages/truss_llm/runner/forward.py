@@ -1,5 +1,6 @@
-"""Calls into the truss app, in-process: a direct ASGI call with a rewritten path, so there
-is no socket and no proxy hop, and a stream passes straight through.
+"""Calls into the truss app, in-process: a direct ASGI call (with a rewritten path for
+Baseten's routes), so there is no socket and no proxy hop, and a stream passes straight
+through. Every HTTP request that reaches the truss app goes through here.
 
 Every call that runs the model holds `lifecycle.active()` for as long as it runs, so that
 scale to zero never unloads the model under it, and waits for a model that is waking.
@@ -21,9 +22,10 @@ from starlette.responses import Response
 from truss_llm import budget
 from truss_llm.cancellation import ClientDisconnected
 from truss_llm.errors import sse_error_event
+from truss_llm.runner import routes
 from truss_llm.runner.body import BodyTooLarge, read_body, replaying
 from truss_llm.runner.lifecycle import ModelLifecycle, WakeTimeout
-from truss_llm.runner.respond import count, respond
+from truss_llm.runner.respond import count, renderer_for, respond
 from truss_llm.runner.routes import TRUSS_PREDICT
 from truss_llm.runner.settings import RunnerSettings
 
@@ -138,6 +140,30 @@ class TrussCaller:
             await respond(render(504, self._timeout_message()), scope, receive, send, route)
             return
         count(route, status[0] if status else 0)
+
+    async def passthrough(self, scope: dict, receive: Callable, send: Callable) -> None:
+        """The truss app's own routes, called directly: under the body limit like every
+        route, and, for those that run the model (`routes.reaches_model`), counted as
+        activity, so that scale to zero cannot stop the engine under a live stream, and
+        waiting for a model that is waking."""
+        path = scope["path"]
+        render = renderer_for(path)
+        try:
+            body = await read_body(scope, receive, self.settings.max_body_bytes)
+        except BodyTooLarge as exc:
+            await respond(render(413, str(exc)), scope, receive, send, "truss")
+            return
+        except ClientDisconnected:
+            return
+        if not routes.reaches_model(path, scope["method"]):
+            await self.truss_app(scope, replaying(body, receive), send)
+            return
+        try:
+            async with self.lifecycle.active():
+                await self.truss_app(scope, replaying(body, receive), send)
+        except WakeTimeout as exc:  # raised before the model was called: nothing sent yet
+            body.close()
+            await respond(render(503, str(exc)), scope, receive, send, "truss")
 
     async def call_model(self, model_input: bytes) -> tuple[int, bytes]:
         """Run one async job through the truss predict route: (status, body)."""

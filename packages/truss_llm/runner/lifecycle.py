@@ -71,10 +71,17 @@ class ModelLifecycle:
                 self._last_active = time.monotonic()
                 self._reload = asyncio.create_task(asyncio.to_thread(model.load))
 
-    async def wait_ready(self) -> None:
-        """Wake if needed and wait until the engine can serve, bounded by the wake timeout."""
-        self._last_active = time.monotonic()
-        if self.loaded and self.model is not None:
+    async def wait_ready(self, *, activity: bool = True) -> None:
+        """Wake if needed and wait until the engine can serve, bounded by the wake timeout.
+
+        `activity=False` for a caller that must not keep the model awake by asking.
+        """
+        if activity:
+            self._last_active = time.monotonic()
+        # The fast path only while no unload or restart runs (they hold the lock, and
+        # `loaded` may still be true until they end): a request that arrives meanwhile
+        # waits for the model to come back instead of reaching one being stopped.
+        if self.loaded and not self._lock.locked():
             return
         await self.wake()
         deadline = time.monotonic() + self._wake_timeout_s

@@ -26,6 +26,9 @@ from truss_llm.runner.queue import BUSY_TIMEOUT_S
 from truss_llm.runner.store_health import UNHEALTHY_AFTER_S
 
 ENV_PREFIX = "TRUSS_LLM_RUNNER_"
+# Within Kubernetes' default 30 s between SIGTERM and SIGKILL, with time left for the rest
+# of the shutdown (requeueing async work, stopping the engine).
+DRAIN_GRACE_S = 20.0
 ASYNC_RETENTION_S = 7 * 24 * 3600.0  # a week: time to read a result's status after the fact
 LIST_SETTINGS = ("environments", "webhook_allowed_networks")  # comma-separated in variables
 
@@ -55,6 +58,8 @@ class RunnerSettings(BaseModel):
     # 127.0.0.1/32 for a receiver on this machine.
     webhook_allowed_networks: Networks = ()
     scale_to_zero_idle_s: float | None = Field(default=None, gt=0)
+    # On SIGTERM, sync requests in flight get this long to finish (runner/drain.py).
+    drain_grace_s: float = Field(default=DRAIN_GRACE_S, ge=0)
     # The async queue's store (SQLite): settled requests are deleted this long after their
     # last change; a write waits this long for a lock; a store whose every write has failed
     # for this long turns readiness and async_predict into 503s; the file's size cap (none:
