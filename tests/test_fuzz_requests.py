@@ -34,6 +34,8 @@ from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis_jsonschema import from_schema
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
 EXAMPLES = int(os.environ.get("TRUSS_LLM_FUZZ_EXAMPLES", "250"))
 SEED = int(os.environ.get("TRUSS_LLM_FUZZ_SEED", "20261130"))
@@ -59,15 +61,8 @@ PLAIN_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 PLAIN_COMPLETION = {"prompt": "hi", "max_tokens": 2}
 
 
-def _schema(module: str, name: str) -> dict[str, Any]:
-    import importlib
-
-    return getattr(importlib.import_module(module), name).model_json_schema()
-
-
-CHAT_SCHEMA = _schema("vllm.entrypoints.openai.chat_completion.protocol",
-                      "ChatCompletionRequest")
-COMPLETION_SCHEMA = _schema("vllm.entrypoints.openai.completion.protocol", "CompletionRequest")
+CHAT_SCHEMA = ChatCompletionRequest.model_json_schema()
+COMPLETION_SCHEMA = CompletionRequest.model_json_schema()
 CHAT_KEYS = sorted(CHAT_SCHEMA["properties"])
 COMPLETION_KEYS = sorted(COMPLETION_SCHEMA["properties"])
 
@@ -271,6 +266,17 @@ def post(http: httpx.Client, path: str, body: bytes) -> httpx.Response:
                              f"body {body[:300]!r}") from exc
 
 
+def stream_errors(text: str) -> list[dict[str, Any]]:
+    """The `error` objects of an SSE body's data events."""
+    errors = []
+    for line in text.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            event = json.loads(line[len("data: "):])
+            if isinstance(event, dict) and isinstance(event.get("error"), dict):
+                errors.append(event["error"])
+    return errors
+
+
 @pytest.fixture(scope="module")
 def fuzz_http(server: Server) -> httpx.Client:
     with httpx.Client(base_url=server.base_url, headers=server.headers,
@@ -299,6 +305,11 @@ def test_no_body_gets_a_5xx(fuzz_http: httpx.Client, request: tuple[str, bytes])
         assert isinstance(error, dict if "/v1/" in path else str), response.text[:300]
     elif path == ASYNC_PREDICT:
         QUEUED.append((response.json()["request_id"], body))
+    elif response.headers.get("content-type", "").startswith("text/event-stream"):
+        # A stream that has begun reports a failure as an error event, not a status.
+        for event in stream_errors(response.text):
+            assert event["code"] < 500 or event["code"] in RETRYABLE_5XX, (
+                f"POST {path} streamed {event}\nbody {body[:500]!r}")
 
 
 def test_server_answers_after_the_fuzzing(fuzz_http: httpx.Client) -> None:
