@@ -84,6 +84,9 @@ class AsyncWorker:
         self._settings = settings
         self._call_model = call_model
         self._wakeup = asyncio.Event()
+        # Set by the first task to see the store work again after failing: the others cut
+        # their backoff short (an expiry's webhook should not wait out a 10 s backoff).
+        self._store_back = asyncio.Event()
         self._webhook_tasks: set[asyncio.Task] = set()
         self.webhook_policy = webhooks.webhook_policy(settings.webhook_allowed_networks)
 
@@ -118,7 +121,7 @@ class AsyncWorker:
         while True:
             try:
                 await self._step()
-                failures = 0
+                failures = self._worked(failures)
             except Exception as exc:  # not CancelledError: that ends the worker
                 failures += 1
                 delay = store_backoff_s(failures)
@@ -128,7 +131,7 @@ class AsyncWorker:
                 else:
                     logger.exception("async worker %d failed (%d in a row); retrying in "
                                      "%.1f s", number, failures, delay)
-                await asyncio.sleep(delay)
+                await self._back_off(delay)
 
     async def _step(self) -> None:
         """Run one request, or wait for one to become runnable."""
@@ -150,13 +153,29 @@ class AsyncWorker:
         failures = 0
         while True:
             try:
-                return await asyncio.to_thread(call, *args)
+                result = await asyncio.to_thread(call, *args)
             except QueueUnavailable:
                 failures += 1
                 delay = store_backoff_s(failures)
                 logger.warning("async queue: could not record %s (%d tries); retrying in "
                                "%.1f s", what, failures, delay)
-                await asyncio.sleep(delay)
+                await self._back_off(delay)
+            else:
+                self._worked(failures)
+                return result
+
+    def _worked(self, failures: int) -> int:
+        """A store call succeeded; after failures, wake the tasks backing off. Returns 0."""
+        if failures:
+            self._store_back.set()
+            self._wakeup.set()
+        return 0
+
+    async def _back_off(self, delay: float) -> None:
+        """Sleep `delay`, or less if another task sees the store work again meanwhile."""
+        self._store_back.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._store_back.wait(), delay)
 
     async def _expire(self) -> None:
         """Expire overdue requests and send their webhooks, every EXPIRE_CHECK_S. This is
@@ -166,13 +185,15 @@ class AsyncWorker:
             try:
                 for expired in await asyncio.to_thread(self._queue.expire_overdue):
                     self._finished(expired, AsyncStatus.EXPIRED)
-                failures, delay = 0, EXPIRE_CHECK_S
+                failures = self._worked(failures)
             except Exception as exc:
                 failures += 1
                 delay = max(EXPIRE_CHECK_S, store_backoff_s(failures))
                 if not isinstance(exc, QueueUnavailable):  # the queue logged its own
                     logger.exception("async queue: expiry failed; retrying in %.1f s", delay)
-            await asyncio.sleep(delay)
+                await self._back_off(delay)
+            else:
+                await asyncio.sleep(EXPIRE_CHECK_S)
 
     async def _purge(self) -> None:
         """Delete settled requests older than the retention period, batch by batch."""
