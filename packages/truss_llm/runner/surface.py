@@ -12,6 +12,7 @@ everything else goes to the truss server's own app. The concerns have a module e
     model_cards.py  GET /v1/models and /v1/models/{id}
     lifecycle.py    scale to zero, wake, engine restart
     lifespan.py     start-up and shutdown of the truss app and the background tasks
+    drain.py        graceful drain on SIGTERM
     respond.py      sending and counting the surface's own answers
 
 Private attributes of other packages that the runner still uses, and why: truss's
@@ -24,6 +25,8 @@ No private Prometheus attribute is used: gauges are module-level, re-pointed wit
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,6 +36,7 @@ from truss_llm.errors import baseten_error, error_renderer_for
 from truss_llm.runner import routes
 from truss_llm.runner.async_api import AsyncApi
 from truss_llm.runner.auth import MISSING_KEY, WS_POLICY_VIOLATION, authorized
+from truss_llm.runner.drain import Drain, is_new_work, refusal
 from truss_llm.runner.forward import TrussCaller
 from truss_llm.runner.lifecycle import ModelLifecycle
 from truss_llm.runner.lifespan import Lifespan
@@ -41,7 +45,10 @@ from truss_llm.runner.respond import respond
 from truss_llm.runner.settings import RunnerSettings
 from truss_llm.runner.worker import AsyncWorker, open_queue
 
+logger = logging.getLogger(__name__)
+
 ASGIApp = Callable[[dict, Callable, Callable], Awaitable[None]]
+ASYNC_WORKER = "async worker"
 ASYNC_REQUEST_PREFIX = "/async_request/"
 READINESS_PATH = MODELS_PREFIX + TRUSS_MODEL_NAME  # truss's readiness probe
 ROUTES_HELP = ("Routes: POST .../predict, POST .../async_predict, GET .../async_queue_status, "
@@ -61,12 +68,15 @@ class BasetenSurface:
         self.worker = AsyncWorker(self.queue, settings, self.truss.call_model)
         self.async_api = AsyncApi(self.queue, self.worker, settings)
         self.cards = ModelCards(self.lifecycle)
-        self.lifespan = Lifespan(truss_app, lambda: [
-            self.worker.run(), self.lifecycle.run_idle_watch(),
-            self.lifecycle.run_engine_watch()])
+        self.lifespan = Lifespan(truss_app, lambda: {
+            ASYNC_WORKER: self.worker.run(), "idle watch": self.lifecycle.run_idle_watch(),
+            "engine watch": self.lifecycle.run_engine_watch()})
+        self.drain = Drain(self)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
+            self.loop = asyncio.get_running_loop()
             await self.lifespan(scope, receive, send)
             return
         if scope["type"] == "websocket" and not authorized(scope, self.settings.api_key):
@@ -81,6 +91,9 @@ class BasetenSurface:
             await respond(error_renderer_for(path)(401, MISSING_KEY), scope, receive, send,
                           "auth")
             return
+        if self.drain.started and is_new_work(path, method):
+            await respond(refusal(path), scope, receive, send, "draining")
+            return
         if path == READINESS_PATH and method == "GET" and (
                 unready := self.async_api.readiness_refusal()) is not None:
             await respond(unready, scope, receive, send, "readiness")  # a broken queue store
@@ -88,7 +101,7 @@ class BasetenSurface:
         if path == "/v1/models" and method == "GET":
             await respond(await self.cards.listing(), scope, receive, send, "models")
             return
-        if path.startswith(MODELS_PREFIX) and method == "GET" and self.lifecycle.loaded:
+        if path.startswith(MODELS_PREFIX) and method == "GET":
             card = await self.cards.retrieve_unless_probe(path[len(MODELS_PREFIX):])
             if card is not None:
                 await respond(card, scope, receive, send, "models")
@@ -100,7 +113,7 @@ class BasetenSurface:
             return
         found = routes.match(path)
         if found is None:
-            await self.truss_app(scope, receive, send)  # truss's own routes, unchanged
+            await self.truss.passthrough(scope, receive, send)  # truss's own routes
             return
         await self._dispatch(found, scope, receive, send)
 
@@ -151,3 +164,20 @@ class BasetenSurface:
         else:
             await self.truss.sync(scope, receive, send, openai_path, "openai",
                                   error_renderer_for(openai_path))
+
+    async def stop_async_work(self) -> None:
+        """Stop the async workers (a drain): their running requests are cancelled, and
+        requeued by `requeue_interrupted` once the event loop has ended."""
+        await self.lifespan.stop(ASYNC_WORKER)
+
+    def requeue_interrupted(self) -> None:
+        """After the server has stopped: requests that were running go back to the queue
+        without an attempt or a crash counted (the stop was ours, not theirs)."""
+        try:
+            requeued = self.queue.requeue_interrupted()
+        except Exception:  # a broken store: the next start recovers them as after a crash
+            logger.exception("could not requeue the async requests that were running")
+            return
+        if requeued:
+            logger.info("%d async requests that were running go back to the queue for the "
+                        "next start (no attempt counted)", requeued)
