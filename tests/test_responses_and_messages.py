@@ -353,11 +353,14 @@ def test_media_errors_name_the_part_in_each_api(server: Server, prefix: str,
     assert caught.value.body["param"].startswith("input[0].content[1]")
     assert "does not take image" in caught.value.body["message"]
     missing = document_url.replace("notes.txt", "missing.txt")
-    for url, status in ((missing, 422), ("ftp://127.0.0.1/notes.txt", 400)):
+    for block, status in (
+            ({"type": "document", "source": {"type": "url", "url": missing}}, 422),
+            ({"type": "document", "source": {"type": "url", "url": "ftp://127.0.0.1/x"}}, 400),
+            ({"type": "image", "source": {"type": "url", "url": image}}, 400),
+            ({"type": "image", "source": {"type": "url", "url": "file:///etc/passwd"}}, 400)):
         response = httpx.post(f"{server.base_url}{prefix}/v1/messages", timeout=60, json={
             "model": MODEL_NAME, "max_tokens": 1, "messages": [{"role": "user", "content": [
-                {"type": "document", "source": {"type": "url", "url": url}},
-                {"type": "text", "text": "hi"}]}]})
+                block, {"type": "text", "text": "hi"}]}]})
         assert response.status_code == status, response.text
         body = response.json()
         assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"

@@ -1,12 +1,14 @@
-"""Media parts of the Responses and Anthropic Messages APIs, resolved by the chat resolver.
+"""Media parts of the Responses and Anthropic Messages APIs, resolved by the media resolver.
 
-Our fetcher (its address policy, size limits, deadline) must see every URL a request
-carries, whatever the API's shape. Rather than teach the resolver each shape, each part is
-translated to its chat form, resolved there, and translated back:
+Our fetcher (its address policy, size limits, deadline, byte budget) must see every URL a
+request carries, whatever the API's shape. The resolver reads OpenAI chat parts (and
+Responses' `input_image`); the parts of these APIs that it does not read are translated to
+their chat form, resolved with the rest of their list, and translated back:
 
-- Responses: `input_image` with an http(s) `image_url` -> the image inline (data URL);
-  `input_file` (`file_url` or `file_data`) -> its text as `input_text`.
-- Anthropic: `image` with a `url` source -> a `base64` source; `document` with a `url`,
+- Responses: `input_file` (`file_url` or `file_data`) -> its text as `input_text`;
+  `input_image` is read as it is (a fetched image becomes a data URL).
+- Anthropic: `image` with a `url` source -> a `base64` source (a `base64` one is counted);
+  `document` with a `url`,
   `base64` or `text` source -> its text as a `text` block.
 
 Errors name the part in the request's own terms (`input[0].content[1]`, `messages[0]...`).
@@ -14,41 +16,21 @@ Errors name the part in the request's own terms (`input[0].content[1]`, `message
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import re
+from collections.abc import Callable
 from typing import Any
 
 from truss_llm.errors import RequestError
+from truss_llm.media.memory import MediaLease
 from truss_llm.media.parts import MediaResolver
 
-# The resolver names a part by its place in the chat body we hand it.
-_CHAT_PLACE = re.compile(r"messages\[(\d+)\]\.content\[0\]")
 _DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*);base64,(?P<data>.*)$", re.DOTALL)
-
-
-def _is_remote(url: Any) -> bool:
-    return isinstance(url, str) and url.lower().startswith(("http://", "https://"))
-
-
-async def _resolve(resolver: MediaResolver, places: list[str], parts: list[dict[str, Any]],
-                   deadline: float) -> list[dict[str, Any]]:
-    """Chat parts resolved side by side; an error names the part by `places`."""
-    body = {"messages": [{"role": "user", "content": [part]} for part in parts]}
-    try:
-        resolved = await resolver.resolve(body, deadline=deadline)
-    except RequestError as exc:
-        def rename(text: str | None) -> str | None:
-            return text and _CHAT_PLACE.sub(lambda m: places[int(m[1])], text)
-        raise RequestError(rename(exc.message), exc.status, rename(exc.param),
-                           exc.retry_after_s) from None
-    return [message["content"][0] for message in resolved["messages"]]
-
-
-def _content_lists(items: Any) -> list[tuple[int, list[Any]]]:
-    """(position, content) of every item of `items` whose content is a list of parts."""
-    if not isinstance(items, list):
-        return []
-    return [(i, item["content"]) for i, item in enumerate(items)
-            if isinstance(item, dict) and isinstance(item.get("content"), list)]
+# A part in an API's shape -> its chat form, or None when the resolver reads it as it is.
+ToChat = Callable[[Any], "dict[str, Any] | None"]
+# (the original part, its resolved chat form) -> the part in the API's shape.
+FromChat = Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
 
 
 # -- Responses ----------------------------------------------------------------------------
@@ -56,8 +38,6 @@ def _content_lists(items: Any) -> list[tuple[int, list[Any]]]:
 def _responses_chat_part(part: Any) -> dict[str, Any] | None:
     if not isinstance(part, dict):
         return None
-    if part.get("type") == "input_image" and _is_remote(part.get("image_url")):
-        return {"type": "image_url", "image_url": {"url": part["image_url"]}}
     if part.get("type") == "input_file":
         return {"type": "file", "file": {key: part[key] for key in (
             "file_url", "file_data", "file_id", "filename") if part.get(key) is not None}}
@@ -65,16 +45,14 @@ def _responses_chat_part(part: Any) -> dict[str, Any] | None:
 
 
 def _responses_part(original: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
-    if resolved["type"] == "text":
-        return {"type": "input_text", "text": resolved["text"]}
-    return {**original, "image_url": resolved["image_url"]["url"]}
+    return {"type": "input_text", "text": resolved["text"]}
 
 
 async def resolve_responses_input(resolver: MediaResolver, body: dict[str, Any],
-                                  deadline: float) -> dict[str, Any]:
+                                  deadline: float, lease: MediaLease) -> dict[str, Any]:
     """The Responses body with its media parts resolved (the same body when it has none)."""
-    return await _resolve_in_place(resolver, body, "input", _responses_chat_part,
-                                   _responses_part, deadline)
+    return await _resolve_lists(resolver, body, "input", _responses_chat_part,
+                                _responses_part, deadline, lease)
 
 
 # -- Anthropic Messages -------------------------------------------------------------------
@@ -83,9 +61,13 @@ def _anthropic_chat_part(block: Any) -> dict[str, Any] | None:
     if not isinstance(block, dict) or not isinstance(block.get("source"), dict):
         return None
     source = block["source"]
-    if block.get("type") == "image" and source.get("type") == "url" and _is_remote(
-            source.get("url")):
-        return {"type": "image_url", "image_url": {"url": source["url"]}}
+    if block.get("type") == "image":  # base64 ones too: their bytes count against the caps
+        if source.get("type") == "url":
+            return {"type": "image_url", "image_url": {"url": source.get("url")}}
+        if source.get("type") == "base64":
+            url = f"data:{source.get('media_type') or 'image/jpeg'};base64,{source.get('data')}"
+            return {"type": "image_url", "image_url": {"url": url}}
+        return None
     if block.get("type") != "document":
         return None
     file: dict[str, Any] = {"filename": block.get("title") or "document"}
@@ -109,35 +91,48 @@ def _anthropic_block(original: dict[str, Any], resolved: dict[str, Any]) -> dict
 
 
 async def resolve_anthropic_messages(resolver: MediaResolver, body: dict[str, Any],
-                                     deadline: float) -> dict[str, Any]:
+                                     deadline: float, lease: MediaLease) -> dict[str, Any]:
     """The Messages body with its media blocks resolved (the same body when it has none)."""
-    return await _resolve_in_place(resolver, body, "messages", _anthropic_chat_part,
-                                   _anthropic_block, deadline)
+    return await _resolve_lists(resolver, body, "messages", _anthropic_chat_part,
+                                _anthropic_block, deadline, lease)
 
 
 # -- shared -------------------------------------------------------------------------------
 
-async def _resolve_in_place(resolver: MediaResolver, body: dict[str, Any], key: str,
-                            to_chat, from_chat, deadline: float) -> dict[str, Any]:
-    found = [(position, index, chat)
-             for position, content in _content_lists(body.get(key))
-             for index, part in enumerate(content)
-             if (chat := to_chat(part)) is not None]
-    if not found:
+async def _resolve_lists(resolver: MediaResolver, body: dict[str, Any], key: str,
+                         to_chat: ToChat, from_chat: FromChat, deadline: float,
+                         lease: MediaLease) -> dict[str, Any]:
+    """`body` with each content list of `body[key]` resolved, the lists side by side."""
+    items = body.get(key)
+    lists = {position: item["content"] for position, item in enumerate(items or ())
+             if isinstance(item, dict) and isinstance(item.get("content"), list)} \
+        if isinstance(items, list) else {}
+    translated = {position: [to_chat(part) for part in content]
+                  for position, content in lists.items()}
+    chat_lists = {position: [part if chat is None else chat
+                             for part, chat in zip(lists[position], chats, strict=True)]
+                  for position, chats in translated.items()}
+    wanted = [position for position, parts in chat_lists.items()
+              if resolver.needs_resolving({"messages": [{"content": parts}]})]
+    if not wanted:
         return body
-    resolved = await _resolve(
-        resolver, [f"{key}[{position}].content[{index}]" for position, index, _ in found],
-        [chat for *_, chat in found], deadline)
-    items = list(body[key])
-    for (position, index, _), new in zip(found, resolved, strict=True):
-        if items[position] is body[key][position]:  # copy each touched item once
-            items[position] = {**items[position], "content": list(items[position]["content"])}
-        content = items[position]["content"]
-        content[index] = from_chat(content[index], new)
+    try:  # the first failure cancels the other lists' fetches
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(resolver.resolve_parts(
+                chat_lists[position], f"{key}[{position}].content", deadline=deadline,
+                lease=lease)) for position in wanted]
+    except BaseExceptionGroup as failed:  # the user's mistake first, if there is one
+        raise next((e for e in failed.exceptions if isinstance(e, RequestError)),
+                   failed.exceptions[0]) from None
+    resolved = [task.result() for task in tasks]
+    items = list(items)
+    for position, parts in zip(wanted, resolved, strict=True):
+        items[position] = {**items[position], "content": [
+            part if chat is None else from_chat(original, part)
+            for original, chat, part in zip(lists[position], translated[position], parts,
+                                            strict=True)]}
     return {**body, key: items}
 
 
 def _base64(text: str) -> str:
-    import base64
-
     return base64.b64encode(text.encode("utf-8")).decode("ascii")
