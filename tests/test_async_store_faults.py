@@ -27,8 +27,8 @@ from conftest import (
 
 SHORT = {"model": MODEL_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
 # Keeps the one worker busy for a few seconds: long enough to lock the store behind it.
-LONG = {**SHORT, "max_tokens": 200, "ignore_eos": True, "temperature": 1.0}
-LONG_RUN_S = 180  # its generation ends within this, on a loaded machine
+LONG = {**SHORT, "max_tokens": 120, "ignore_eos": True, "temperature": 1.0}
+LONG_RUN_S = 300  # its generation ends within this, even on a loaded machine
 MAX_BYTES = 4 * 1024 * 1024
 UNHEALTHY_AFTER_S = 2
 RETENTION_S = 6  # settled requests are purged 6-7.5 s after their last change
