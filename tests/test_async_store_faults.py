@@ -90,8 +90,14 @@ def assert_unavailable(response: httpx.Response) -> None:
 def test_a_locked_store_turns_readiness_and_async_predict_into_503s_until_it_recovers(
         store_server: Server) -> None:
     errors_before = store_server.metric(ERRORS)
+    done = submit(store_server, SHORT).json()["request_id"]
+    wait_for_status(store_server.base_url, done, {"SUCCEEDED"})
+    record_url = f"{store_server.base_url}/async_request/{done}"
     lock = lock_store(store_server)
     try:
+        # A write (cancel) fails with a 503 once the busy timeout passes; reads go on.
+        assert_unavailable(httpx.delete(record_url, timeout=30))
+        assert httpx.get(record_url, timeout=30).json()["status"] == "SUCCEEDED"
         wait_until(lambda: readiness(store_server).status_code == 503, NOTICE_S,
                    "readiness 503 on a locked store")
         assert_unavailable(readiness(store_server))
