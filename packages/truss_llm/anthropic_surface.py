@@ -48,13 +48,11 @@ class AnthropicSurface:
 
         surface, settings = self._surface, self._surface.settings
         self._serving = AnthropicServingMessages(
-            surface.engine_client, surface.serving_models, "assistant",
+            surface.engine_client, surface.serving_models, settings.response_role,
             online_renderer=surface.renderer,
             request_logger=None,
             chat_template=surface.chat_template,
-            chat_template_content_format="auto",
-            enable_auto_tools=settings.tool_call_parser is not None,
-            tool_parser=settings.tool_call_parser,
+            **surface.serving_options,  # the chat route's: parsers, template options
             enable_prompt_tokens_details=True,
         )
 

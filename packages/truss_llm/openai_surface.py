@@ -213,6 +213,7 @@ class OpenAISurface:
         self.renderer = None
         self.engine_client: BudgetedEngineClient | None = None
         self.chat_template: str | None = None
+        self.serving_options: dict[str, Any] = {}
         engine.on_ready(self._build_serving)
 
     @property
@@ -270,6 +271,7 @@ class OpenAISurface:
         self._models = models
         self.serving_models, self.renderer, self.engine_client, self.chat_template = (
             models, renderer, budgeted, chat_template)
+        self.serving_options = serving_options
         self._admission = Admission(client.vllm_config.scheduler_config.max_num_queued_reqs)
         tokenizer = client.renderer.tokenizer
         self._media = MediaResolver(

@@ -57,14 +57,12 @@ class ResponsesSurface:
     async def _build_serving(self, client: AsyncLLM) -> None:
         from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
 
-        surface, settings = self._surface, self._surface.settings
+        surface = self._surface
         self._serving = OpenAIServingResponses(
             surface.engine_client, surface.serving_models, surface.renderer,
             request_logger=None,
             chat_template=surface.chat_template,
-            chat_template_content_format="auto",
-            enable_auto_tools=settings.tool_call_parser is not None,
-            tool_parser=settings.tool_call_parser,
+            **surface.serving_options,  # the chat route's: parsers, template options
             enable_prompt_tokens_details=True,
         )
 
