@@ -13,6 +13,10 @@ import openai
 import pytest
 from conftest import MODEL_NAME
 from openai import OpenAI
+from truss_llm.settings import CPU_PROFILE
+
+# More tokens than the tiny model's context holds (a word is about a token).
+TOO_LONG = CPU_PROFILE["max_model_len"] + 100
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -53,7 +57,7 @@ CASES = {
     "temperature as true": (chat_body(temperature=True), 400, "expected a number",
                             "temperature"),
     "prompt longer than context": (
-        chat_body(messages=[{"role": "user", "content": "weather " * 600}]), 400,
+        chat_body(messages=[{"role": "user", "content": "weather " * TOO_LONG}]), 400,
         "maximum context length", None),
     "schema that cannot compile": (
         chat_body(response_format={"type": "json_schema", "json_schema": {
@@ -95,7 +99,7 @@ def test_bad_completion_request_gets_openai_4xx(http: httpx.Client) -> None:
     counted = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "Hi",
                                                  "logprobs": 2, "max_tokens": 2, "n": 1.0})
     assert counted.status_code == 200, counted.text
-    too_long = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "a " * 2000})
+    too_long = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "a " * TOO_LONG})
     assert too_long.status_code == 400
     assert "context length" in too_long.json()["error"]["message"]
 

@@ -16,6 +16,7 @@ from conftest import BUCKET, MODEL_NAME, Server
 from truss_llm.media.parts import DOCUMENT_TEMPLATE
 from truss_llm.media_client.storage import S3Store
 from truss_llm.media_client.upload import attach_file, fit_request
+from truss_llm.settings import CPU_PROFILE
 
 MB = 1000 * 1000
 NOTES = ("Queue status: 12 requests waiting, 3 in progress. The weather in Oslo is cold. "
@@ -87,10 +88,12 @@ def test_101_mb_request_is_rewritten_accepted_and_judged_by_the_model(
     assert len(fitted.uploaded) == 1
     response = http.post("/production/predict", json=fitted.body)
     # Accepted by the runner and fetched by the model, which judges the document: this one
-    # has far too many tokens for a 512-token context, which it says before a full download.
+    # has far too many tokens for the tiny model's context, which it says before a full
+    # download.
     assert response.status_code == 400, response.text
     message = response.json()["error"]
-    assert "big.txt" in message and "too many tokens" in message and "512" in message
+    assert "big.txt" in message and "too many tokens" in message
+    assert str(CPU_PROFILE["max_model_len"]) in message
 
 
 def test_media_errors_are_4xx_with_the_reason(http: httpx.Client, s3_endpoint: str,

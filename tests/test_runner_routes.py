@@ -9,6 +9,7 @@ import pytest
 from conftest import MODEL_NAME, WEBHOOK_SECRET, Server, WebhookReceiver, wait_for_status
 from openai import OpenAI
 from truss_llm.runner.webhooks import verify
+from truss_llm.settings import CPU_PROFILE
 
 TARGETS = ["production", "environments/production", "development", "deployment/local"]
 CHAT = {"model": MODEL_NAME, "max_tokens": 4,
@@ -55,7 +56,7 @@ def test_models_route_lists_the_served_model(http: httpx.Client) -> None:
     body = http.get("/v1/models").json()
     assert body["object"] == "list"
     assert body["data"][0]["id"] == MODEL_NAME
-    assert body["data"][0]["max_model_len"] == 512
+    assert body["data"][0]["max_model_len"] == CPU_PROFILE["max_model_len"]
 
 
 @pytest.mark.parametrize("path", ["/production/async_queue_status",

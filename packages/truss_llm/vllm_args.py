@@ -43,6 +43,7 @@ ELSEWHERE = {
     "api_key": "Baseten authenticates requests before they reach the model",
 }
 _TRUE = ("true", "1", "yes", "on")
+MAX_CHOICES_SHOWN = 6  # in the README's table
 _FALSE = ("false", "0", "no", "off")
 
 
@@ -175,10 +176,9 @@ def describe_type(action: argparse.Action) -> str:
     if _is_bool_flag(action):
         return "bool"
     if action.choices:
-        return "one of " + ", ".join(f"`{c}`" for c in action.choices if c is not None)
+        return _one_of([c for c in action.choices if c is not None])
     if action.metavar and "{" in str(action.metavar):
-        return "one of " + ", ".join(f"`{c}`" for c in str(action.metavar).strip("{}")
-                                     .split(","))
+        return _one_of(str(action.metavar).strip("{}").split(","))
     type_name = getattr(action.type, "__name__", "")
     if type_name == "parse_dataclass":
         kind = "object (JSON)"
@@ -191,6 +191,12 @@ def describe_type(action: argparse.Action) -> str:
     if action.nargs == "?":
         return f"bool or {kind}"
     return kind
+
+
+def _one_of(choices: list[Any]) -> str:
+    shown = ", ".join(f"`{choice}`" for choice in choices[:MAX_CHOICES_SHOWN])
+    more = f", ... ({len(choices)} in all)" if len(choices) > MAX_CHOICES_SHOWN else ""
+    return f"one of {shown}{more}"
 
 
 def _probe_kind(action: argparse.Action) -> str:
