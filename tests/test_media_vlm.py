@@ -259,6 +259,30 @@ def test_refusals_name_the_part_and_the_reason(http: httpx.Client, origin: Count
     assert origin.hits == 0
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:{port}/cat.png",
+                                 " http://127.0.0.1:{port}/cat.png",
+                                 "https://localhost:{port}/cat.png"])
+def test_responses_and_messages_image_urls_fetch_nothing_either(
+        http: httpx.Client, origin: CountingOrigin, url: str) -> None:
+    """The other APIs' image parts, including a URL with a leading space (not "remote" to a
+    naive prefix check): refused by our policy, or, had a translation let it through to
+    vLLM, by vLLM's media connector (ours), never fetched."""
+    url = url.format(port=origin.port)
+    responses = http.post("/v1/responses", json={
+        "model": VLM_NAME, "max_output_tokens": 4, "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "what is this?"},
+            {"type": "input_image", "image_url": url, "detail": "auto"}]}]})
+    messages = http.post("/v1/messages", json={
+        "model": VLM_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image", "source": {"type": "url", "url": url}}]}]})
+    for response in (responses, messages):
+        assert 400 <= response.status_code < 500, response.text
+        assert ("could not fetch media (refused)" in response.text
+                or "fetched only by this server's fetcher" in response.text), response.text
+    assert origin.hits == 0
+
+
 # -- memory: per part, per request, per replica -----------------------------------------
 
 def tree_rss(pid: int) -> int:
@@ -283,6 +307,7 @@ def test_parts_past_the_request_cap_are_a_413_and_memory_stays_bounded(
         message = response.json()["error"]["message"]
         assert "max_request_media_bytes" in message and "messages[0].content[2]" in message
     growth = tree_rss(vlm.process.pid) - before
+    print(f"\nserver tree RSS {before / MiB:.0f} MiB -> grew {growth / MiB:.1f} MiB")
     assert growth < RSS_GROWTH_BOUND, f"server tree grew by {growth / MiB:.0f} MiB"
     assert answer(http, chat(image_part(data_url(png())))), "the replica still serves"
 
