@@ -213,6 +213,24 @@ def test_runner_errors_take_each_apis_shape(server: Server) -> None:
     assert response.status_code == 404 and response.json()["error"]["code"] == 404
 
 
+def test_requests_are_counted_in_the_metrics(server: Server) -> None:
+    """The runner counts each sync request by status; vLLM counts the engine's work."""
+    ok, bad = ('baseten_surface_requests_total{code="200",route="openai"}',
+               'baseten_surface_requests_total{code="400",route="openai"}')
+    before = server.metrics()
+    sync = f"{server.base_url}{SYNC_PATH}/v1"
+    assert httpx.post(f"{sync}/responses", timeout=60, json={
+        "model": MODEL_NAME, "input": "hi", "max_output_tokens": 2}).status_code == 200
+    assert httpx.post(f"{sync}/messages", timeout=60, json={
+        "model": MODEL_NAME, "max_tokens": 2,
+        "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+    assert httpx.post(f"{sync}/messages", timeout=60, json={"model": MODEL_NAME}
+                      ).status_code == 400
+    after = server.metrics()
+    assert after[ok] - before.get(ok, 0) == 2 and after[bad] - before.get(bad, 0) == 1
+    assert server.metric("vllm:request_success_total") >= 2
+
+
 # -- disconnects --------------------------------------------------------------------------
 
 def _wait_until_idle(server: Server) -> None:
