@@ -181,3 +181,23 @@ def test_resolve_parts_serves_other_apis() -> None:
         asyncio.run(media.resolve_parts([{"image_url": "file:///etc/passwd"}],
                                         "input[0].content"))
     assert refused.value.param == "input[0].content[0].image_url"
+
+
+def test_the_serving_layers_lease_holds_what_any_handler_resolves() -> None:
+    """OpenAISurface sets CURRENT_LEASE around every API's handler (chat, Responses,
+    Messages): a resolve() without a lease of its own counts into it and is held."""
+    media = media_resolver()
+
+    async def run() -> None:
+        lease = media.lease()
+        token = parts.CURRENT_LEASE.set(lease)
+        try:
+            await media.resolve(images(300))
+            await media.resolve_parts([inline_image(200)], "input[0].content")
+        finally:
+            parts.CURRENT_LEASE.reset(token)
+        assert media.budget.in_use == lease.held == 500
+        lease.release()
+        assert media.budget.in_use == 0
+
+    asyncio.run(run())

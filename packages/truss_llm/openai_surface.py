@@ -37,7 +37,7 @@ from truss_llm.errors import (
     openai_error,
     validate_request,
 )
-from truss_llm.media.parts import MediaResolver, model_modalities
+from truss_llm.media.parts import CURRENT_LEASE, MediaResolver, model_modalities
 from truss_llm.media.policy import FetchPolicy
 from truss_llm.settings import EngineSettings
 
@@ -303,16 +303,11 @@ class OpenAISurface:
         check_chat_messages(body)
         check_param_types(body, CHAT_PARAM_TYPES)
         check_token_limits(body)
-        lease = self._media.lease()  # the request's media bytes, held until it is answered
-        try:
-            body = await self._media.resolve(body, deadline=self._media_deadline(), lease=lease)
-            parsed = validate_request(ChatCompletionRequest, body)
-            usage_requested = _ask_for_usage(parsed)
-            result = await self._chat.create_chat_completion(parsed, request)
-        except BaseException:
-            lease.release()
-            raise
-        return lease.hold(_finish_stream(result, usage_requested, parsed.n or 1))
+        body = await self._media.resolve(body, deadline=self._media_deadline())
+        parsed = validate_request(ChatCompletionRequest, body)
+        usage_requested = _ask_for_usage(parsed)
+        result = await self._chat.create_chat_completion(parsed, request)
+        return _finish_stream(result, usage_requested, parsed.n or 1)
 
     async def _create_completion(self, body: dict[str, Any], request: Request):
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -372,14 +367,21 @@ class OpenAISurface:
             # The task that runs `create` copies this context: the engine wrapper finds the
             # deadline there when vLLM starts the generation.
             token = budget.enter(deadline)
+            # Whatever the API, the media its handler resolves count against the replica's
+            # budget until the response is sent (media/memory.py).
+            lease = self._media.lease()
+            lease_token = CURRENT_LEASE.set(lease)
             try:
                 # Streams are cancelled by Starlette on disconnect; the rest is raced here.
                 result = await run_until_disconnected(create(body, request), request)
             except BaseException:
                 self._admission.leave()
+                lease.release()
                 raise
             finally:
                 budget.leave(token)
+                CURRENT_LEASE.reset(lease_token)
+            result = lease.hold(result)
             if hasattr(result, "__anext__"):
                 result = self._admission.until_done(result)
             else:

@@ -32,6 +32,7 @@ import mimetypes
 import os
 import time
 from collections.abc import Mapping
+from contextvars import ContextVar
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,11 @@ PARALLEL_FETCHES = 8  # media parts of one request fetched at once
 # or with a `uuid`, by key), and the modality each carries.
 URL_PART_KINDS = {"image_url": "image", "audio_url": "audio", "video_url": "video"}
 MEDIA_KEYS = frozenset({*URL_PART_KINDS, "input_audio", "file", "image_pil"})
+# The lease of the request being served, set by the serving layer around any API's handler
+# (OpenAISurface._serve): a `resolve` without a lease of its own counts its bytes there, so
+# they stay held until that request's response is sent.
+CURRENT_LEASE: ContextVar[MediaLease | None] = ContextVar("truss_llm_media_lease",
+                                                          default=None)
 
 
 def media_policy(config: Mapping[str, Any], environ: Mapping[str, str] | None = None
@@ -90,9 +96,10 @@ class MediaResolver:
 
     Chat bodies: `resolve(body)`. Any other API's list of content parts (Responses,
     Anthropic Messages, once translated to OpenAI chat parts): `resolve_parts(parts, where)`.
-    To keep the bytes counted until the response is sent, pass a `lease()` and finish with
-    `lease.hold(result)` (or `lease.release()` on failure); without one, the bytes are
-    counted only while resolving.
+    The bytes are held until the response is sent: by the lease passed in, else by the
+    request's `CURRENT_LEASE` (which OpenAISurface's serving sets for every API), else
+    only while resolving. With a lease of your own, finish with `lease.hold(result)` (or
+    `lease.release()` on failure).
     """
 
     def __init__(self, policy: FetchPolicy, model_name: str, max_model_len: int,
@@ -150,6 +157,7 @@ class MediaResolver:
 
     async def _resolve_lists(self, lists: list[tuple[list[Any], str]], deadline: float | None,
                              lease: MediaLease | None) -> None:
+        lease = lease or CURRENT_LEASE.get()
         own_lease = lease is None
         lease = lease or self.lease()
         if deadline is None:
