@@ -13,6 +13,7 @@ from conftest import MODEL_NAME, Server, start_server, stop_server
 CHAT = {"model": MODEL_NAME, "max_tokens": 4,
         "messages": [{"role": "user", "content": "hi"}]}
 DEATH_NOTICED_S = 15
+RESTART_WITHIN_S = 180  # an engine start on 2 busy cores
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,8 @@ def test_ready_means_it_can_generate(doomed_server: Server) -> None:
     assert time.monotonic() - started < 5  # no set-up left for the first request
 
 
-def test_dead_engine_fails_readiness_and_requests_fast(doomed_server: Server) -> None:
+def test_dead_engine_fails_readiness_and_requests_never_get_a_500(doomed_server: Server
+                                                                  ) -> None:
     engine_core(doomed_server).send_signal(signal.SIGKILL)  # a process this test started
     deadline = time.monotonic() + DEATH_NOTICED_S
     status = None
@@ -47,12 +49,15 @@ def test_dead_engine_fails_readiness_and_requests_fast(doomed_server: Server) ->
             break
         time.sleep(0.5)
     assert status == 503
+    # The runner restarts the engine (test_engine_death.py): a request meanwhile waits for
+    # it as for a wake and is served, or, before the restart is under way, gets a fast 503.
     started = time.monotonic()
     response = httpx.post(f"{doomed_server.base_url}/v1/chat/completions", json=CHAT,
-                          timeout=30)
-    assert response.status_code >= 500
-    assert "error" in response.json()
-    assert time.monotonic() - started < 10
+                          timeout=RESTART_WITHIN_S)
+    if response.status_code != 200:
+        assert response.status_code == 503, response.text
+        assert int(response.headers["retry-after"]) > 0 and "error" in response.json()
+        assert time.monotonic() - started < 10
 
 
 def test_ctrl_c_stops_everything_it_started(tmp_path) -> None:
