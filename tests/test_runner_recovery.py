@@ -24,6 +24,7 @@ from conftest import (
     wait_for_status,
 )
 from truss_llm.runner.lifecycle import IDLE_CHECK_S, ModelLifecycle
+from truss_llm.runner.models import AsyncPredictRequest
 from truss_llm.runner.queue import AsyncQueue
 
 SHORT = {"model": MODEL_NAME, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
@@ -237,6 +238,27 @@ def test_a_request_during_an_unload_waits_for_the_model_to_come_back() -> None:
 
 
 # -- SIGTERM: drain ------------------------------------------------------------------------
+def test_an_orderly_stop_requeues_its_own_work_and_counts_nothing(tmp_path) -> None:
+    """What a drain does to the queue: a request this runner was running goes back as never
+    started, with a fresh queue time; one a dead runner left running is left to the crash
+    recovery, which counts the crash."""
+    t0 = 1_000_000.0
+    with AsyncQueue(tmp_path / "queue.sqlite3", "m", "d") as queue:
+        orphan = queue.enqueue(AsyncPredictRequest(model_input={"n": 1}), "production",
+                               now=t0)
+        queue.claim_next(now=t0 + 1)  # by a runner that then died
+        ours = queue.enqueue(AsyncPredictRequest(model_input={"n": 2},
+                                                 max_time_in_queue_seconds=MIN_QUEUE_S),
+                             "production", now=t0 + 2)
+        assert queue.claim_next(now=t0 + 3).request_id == ours  # this runner started at +2
+        assert queue.requeue_interrupted(claimed_since=t0 + 2, now=t0 + 100) == 1
+        mine = queue.get_job(ours)
+        assert (mine.status, mine.attempts, mine.crash_count) == ("QUEUED", 0, 0)
+        # past its first queue time, and yet it runs: it had started in time
+        assert queue.claim_next(now=t0 + 101).request_id == ours
+        assert queue.get_job(orphan).status == "IN_PROGRESS"
+
+
 DRAINED = {**STREAMED, "max_tokens": 2500}
 
 

@@ -596,13 +596,14 @@ class AsyncQueue:
                 " crash_count = crash_count + 1 WHERE status = 'IN_PROGRESS'", (now, now))
             return cursor.rowcount
 
-    def requeue_interrupted(self, now: float | None = None) -> int:
+    def requeue_interrupted(self, claimed_since: float, now: float | None = None) -> int:
         """On an orderly stop (SIGTERM drain, Ctrl-C), once no worker runs any more: put the
-        requests that were running back in the queue as if they had not been started, so
-        that the stop costs them neither an attempt nor a crash (`recover_after_crash`, for
-        a runner that died, counts both). They keep their place, first in their priority;
-        one back at no attempts gets a fresh max_time_in_queue from now, since it started in
-        time. Returns how many.
+        requests this runner claimed (at or after `claimed_since`, its start) and was still
+        running back in the queue as if they had not been started, so that the stop costs
+        them neither an attempt nor a crash (`recover_after_crash`, for a runner that died,
+        counts both; a request a dead runner left behind is left to it). They keep their
+        place, first in their priority; one back at no attempts gets a fresh
+        max_time_in_queue from now, since it started in time. Returns how many.
         """
         now = time.time() if now is None else now
         with self._write("requeue") as conn:
@@ -610,7 +611,8 @@ class AsyncQueue:
                 f"UPDATE {_TABLE} SET status = '{_Q}', status_at = :now, not_before = :now,"
                 " attempts = MAX(attempts - 1, 0),"
                 " expires_at = MAX(expires_at, :now + expires_at - created_at)"
-                " WHERE status = 'IN_PROGRESS'", {"now": now})
+                " WHERE status = 'IN_PROGRESS' AND started_at >= :since",
+                {"now": now, "since": claimed_since})
             return cursor.rowcount
 
     def pending_webhooks(self) -> list[Job]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -73,6 +74,7 @@ class BasetenSurface:
             "engine watch": self.lifecycle.run_engine_watch()})
         self.drain = Drain(self)
         self.loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
+        self._started_at = time.time()  # async requests claimed since are this runner's
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
@@ -174,7 +176,7 @@ class BasetenSurface:
         """After the server has stopped: requests that were running go back to the queue
         without an attempt or a crash counted (the stop was ours, not theirs)."""
         try:
-            requeued = self.queue.requeue_interrupted()
+            requeued = self.queue.requeue_interrupted(self._started_at)
         except Exception:  # a broken store: the next start recovers them as after a crash
             logger.exception("could not requeue the async requests that were running")
             return
