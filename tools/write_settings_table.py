@@ -26,6 +26,10 @@ EXAMPLE_MARKERS = ("<!-- serve-examples:begin (tools/write_settings_table.py) --
 VLLM_DOCS = "https://docs.vllm.ai/en/v0.32.0/configuration/engine_args.html"
 MAX_DEFAULT_CHARS = 40
 COMMAND_START = "#   vllm serve "
+# What this package's own settings stand for on a `vllm serve` command line.
+OWN_FLAGS = {"model_path": "the positional model (its mount path)",
+             "served_model_name": "`--served-model-name`",
+             "lora_adapters": "`--lora-modules` (under `model_metadata`)"}
 
 
 def _cell(value: Any) -> str:
@@ -64,7 +68,8 @@ def settings_table() -> str:
         field = EngineSettings.model_fields[name]
         default = "required" if field.is_required() else _default(field.get_default(
             call_default_factory=True))
-        lines.append(f"| `{name}` | | | {default} | {_profile(name, CPU_PROFILE)} | "
+        lines.append(f"| `{name}` | {OWN_FLAGS.get(name, '')} | | {default} | "
+                     f"{_profile(name, CPU_PROFILE)} | "
                      f"this package: {_cell(field.description or '')} |")
     for name, action in vllm_args.serving_actions().items():
         lines.append(f"| `{name}` | `{vllm_args.flag(action)}` | "
