@@ -70,19 +70,16 @@ class AnthropicSurface:
         if limit is not None and limit < 1:
             raise RequestError(f"max_tokens: expected an integer of at least 1, got "
                                f"{limit!r}.", param="max_tokens")
-        lease = self._surface.media.lease()  # the media bytes, held until it is answered
-        try:
-            body = await resolve_anthropic_messages(self._surface.media, body,
-                                                    self._surface.media_deadline(), lease)
-            parsed = validate_request(AnthropicMessagesRequest, body)
-            result = await self._serving.create_messages(parsed, request)
-        except BaseException:
-            lease.release()
-            raise
-        deadline = budget.current()
+        # The media bytes count against the request's lease (set by `serve`) until the
+        # answer is sent.
+        body = await resolve_anthropic_messages(self._surface.media, body,
+                                                self._surface.media_deadline())
+        parsed = validate_request(AnthropicMessagesRequest, body)
+        result = await self._serving.create_messages(parsed, request)
         if isinstance(result, AnthropicMessagesResponse):
-            result = result.model_dump(mode="json", exclude_none=True)
-        elif deadline is not None and hasattr(result, "__anext__"):
+            return result.model_dump(mode="json", exclude_none=True)
+        deadline = budget.current()
+        if deadline is not None and hasattr(result, "__anext__"):
             # The marker goes where a stream's stop_reason and usage are.
-            result = budget.mark_final_event(result, deadline, frozenset({"message_delta"}))
-        return lease.hold(result)  # or SSE strings, or an ErrorResponse
+            return budget.mark_final_event(result, deadline, frozenset({"message_delta"}))
+        return result  # SSE strings, or an ErrorResponse

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Any
 
 from truss_llm.errors import RequestError
-from truss_llm.media.memory import MediaLease
 from truss_llm.media.parts import MediaResolver
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*);base64,(?P<data>.*)$", re.DOTALL)
@@ -49,10 +48,10 @@ def _responses_part(original: dict[str, Any], resolved: dict[str, Any]) -> dict[
 
 
 async def resolve_responses_input(resolver: MediaResolver, body: dict[str, Any],
-                                  deadline: float, lease: MediaLease) -> dict[str, Any]:
+                                  deadline: float) -> dict[str, Any]:
     """The Responses body with its media parts resolved (the same body when it has none)."""
     return await _resolve_lists(resolver, body, "input", _responses_chat_part,
-                                _responses_part, deadline, lease)
+                                _responses_part, deadline)
 
 
 # -- Anthropic Messages -------------------------------------------------------------------
@@ -91,18 +90,19 @@ def _anthropic_block(original: dict[str, Any], resolved: dict[str, Any]) -> dict
 
 
 async def resolve_anthropic_messages(resolver: MediaResolver, body: dict[str, Any],
-                                     deadline: float, lease: MediaLease) -> dict[str, Any]:
+                                     deadline: float) -> dict[str, Any]:
     """The Messages body with its media blocks resolved (the same body when it has none)."""
     return await _resolve_lists(resolver, body, "messages", _anthropic_chat_part,
-                                _anthropic_block, deadline, lease)
+                                _anthropic_block, deadline)
 
 
 # -- shared -------------------------------------------------------------------------------
 
 async def _resolve_lists(resolver: MediaResolver, body: dict[str, Any], key: str,
-                         to_chat: ToChat, from_chat: FromChat, deadline: float,
-                         lease: MediaLease) -> dict[str, Any]:
-    """`body` with each content list of `body[key]` resolved, the lists side by side."""
+                         to_chat: ToChat, from_chat: FromChat, deadline: float
+                         ) -> dict[str, Any]:
+    """`body` with each content list of `body[key]` resolved, the lists side by side; the
+    bytes count against the request's media lease (media.parts.CURRENT_LEASE)."""
     items = body.get(key)
     lists = {position: item["content"] for position, item in enumerate(items or ())
              if isinstance(item, dict) and isinstance(item.get("content"), list)} \
@@ -119,8 +119,8 @@ async def _resolve_lists(resolver: MediaResolver, body: dict[str, Any], key: str
     try:  # the first failure cancels the other lists' fetches
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(resolver.resolve_parts(
-                chat_lists[position], f"{key}[{position}].content", deadline=deadline,
-                lease=lease)) for position in wanted]
+                chat_lists[position], f"{key}[{position}].content", deadline=deadline))
+                for position in wanted]
     except BaseExceptionGroup as failed:  # the user's mistake first, if there is one
         raise next((e for e in failed.exceptions if isinstance(e, RequestError)),
                    failed.exceptions[0]) from None

@@ -82,20 +82,17 @@ class ResponsesSurface:
         if limit is not None and limit < 1:
             raise RequestError(f"Invalid 'max_output_tokens': expected an integer of at "
                                f"least 1, got {limit!r}.", param="max_output_tokens")
-        lease = self._surface.media.lease()  # the media bytes, held until it is answered
-        try:
-            body = await resolve_responses_input(self._surface.media, body,
-                                                 self._surface.media_deadline(), lease)
-            parsed = validate_request(ResponsesRequest, body)
-            result = await self._serving.create_responses(parsed, request)
-        except BaseException:
-            lease.release()
-            raise
+        # The media bytes count against the request's lease (set by `serve`) until the
+        # answer is sent.
+        body = await resolve_responses_input(self._surface.media, body,
+                                             self._surface.media_deadline())
+        parsed = validate_request(ResponsesRequest, body)
+        result = await self._serving.create_responses(parsed, request)
         if isinstance(result, ResponsesResponse):
-            result = result.model_dump(mode="json", by_alias=True)  # `schema`, not `schema_`
-        elif hasattr(result, "__anext__"):
-            result = _marked(_sse_events(result), RESPONSES_FINAL_EVENTS)
-        return lease.hold(result)  # or an ErrorResponse
+            return result.model_dump(mode="json", by_alias=True)  # `schema`, not `schema_`
+        if hasattr(result, "__anext__"):
+            return _marked(_sse_events(result), RESPONSES_FINAL_EVENTS)
+        return result  # an ErrorResponse
 
 
 def _marked(stream: AsyncIterator[str], final_events: frozenset[str]) -> AsyncIterator[str]:
