@@ -12,7 +12,8 @@ afterwards.
 
 Generation stays cheap: `max_tokens` is clamped to a few tokens (and set when absent), as
 are `n`, `best_of` and `min_tokens`, so the engine does little work per example. The
-example count is bounded for the suite (about a minute on a quiet machine); a longer hunt:
+example count is bounded for the suite (250: 15-20 s on a quiet machine, about a minute at
+load 20 on 2 cores); a longer hunt:
 
     TRUSS_LLM_FUZZ_EXAMPLES=2000 .venv/bin/python -m pytest tests/test_fuzz_requests.py
 
@@ -173,8 +174,12 @@ MESSAGE_LISTS = [
     [{"role": "system", "content": []}], [{"role": None, "content": "hi"}],
     [{"role": "user", "content": "hi"}] * 40, [[]], [None], "hi", {}, 5,
 ]
-TARGETED = {"tools": TOOLS, "tool_choice": TOOL_CHOICES, "response_format": RESPONSE_FORMATS,
-            "structured_outputs": STRUCTURED_OUTPUTS, "messages": MESSAGE_LISTS}
+STREAM_OPTIONS = [{"include_usage": True}, {"include_usage": "yes"},
+                  {"continuous_usage_stats": True}, {}, 5, "x",
+                  {"include_usage": True, "continuous_usage_stats": True}]
+TARGETED = {"stream_options": STREAM_OPTIONS, "tools": TOOLS, "tool_choice": TOOL_CHOICES,
+            "response_format": RESPONSE_FORMATS, "structured_outputs": STRUCTURED_OUTPUTS,
+            "messages": MESSAGE_LISTS}
 # Bodies no JSON encoder writes: literals Python's parser takes or refuses in odd ways.
 _BASE = '{"messages":[{"role":"user","content":"hi"}],"max_tokens":2,"temperature":%s}'
 RAW_BODIES = [
@@ -194,11 +199,14 @@ def _clamp_int(body: dict[str, Any], key: str, ceiling: int) -> None:
         body[key] = ceiling
 
 
-def cheap(body: Any) -> Any:
-    """The same request with little generation work: few tokens and few choices."""
+def cheap(body: Any, stream: bool = False) -> Any:
+    """The same request with little generation work: few tokens and few choices; with
+    `stream`, streamed unless the body says otherwise (generated bodies rarely ask)."""
     if not isinstance(body, dict):
         return body
     body = dict(body)
+    if stream:
+        body.setdefault("stream", True)
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_tokens"] = MAX_FUZZ_TOKENS
     for key in ("max_tokens", "max_completion_tokens", "min_tokens"):
@@ -250,8 +258,10 @@ def _encode(body: Any) -> bytes:
 
 
 requests = st.one_of(
-    st.tuples(st.sampled_from([CHAT, SYNC_CHAT, PREDICT]), chat_bodies.map(cheap)),
-    st.tuples(st.sampled_from([COMPLETIONS, PREDICT]), completion_bodies.map(cheap)),
+    st.tuples(st.sampled_from([CHAT, SYNC_CHAT, PREDICT]), st.builds(cheap, chat_bodies,
+                                                                      st.booleans())),
+    st.tuples(st.sampled_from([COMPLETIONS, PREDICT]), st.builds(cheap, completion_bodies,
+                                                                  st.booleans())),
     st.tuples(st.just(ASYNC_PREDICT), async_bodies() | json_values),
     st.tuples(st.sampled_from([CHAT, COMPLETIONS, PREDICT, ASYNC_PREDICT, SYNC_CHAT]),
               st.sampled_from(RAW_BODIES)),
