@@ -1,4 +1,3 @@
-# LEAD NOTE TO ALL HELPERS (the lead removes this line; leave it): before any change read /tmp/bt/preamble.md: team rules, commit only your own paths, DEADLINE 12:40 UTC, report format.
 """Truss entry point: builds the settings and the engine, and routes calls to them.
 
 Every method takes the raw request only (no parsed `inputs`): that makes the truss server

@@ -1,4 +1,3 @@
-# LEAD NOTE TO ALL HELPERS (the lead removes this line; leave it): before any change read /tmp/bt/preamble.md: team rules, commit only your own paths, DEADLINE 12:40 UTC, report format.
 """The vLLM engine's lifecycle: start, first-use set-up, health, shutdown.
 
 `start()` runs in truss's load thread, which has no event loop: creating `AsyncLLM` there is

@@ -1,4 +1,3 @@
-# LEAD NOTE TO ALL HELPERS (the lead removes this line; leave it): before any change read /tmp/bt/preamble.md: team rules, commit only your own paths, DEADLINE 12:40 UTC, report format.
 """OpenAI's chat and completions protocol, served by vLLM's own serving classes in-process.
 
 The classes behind `vllm serve` (`OpenAIServingChat`, `OpenAIServingCompletion`) do the

@@ -1,4 +1,3 @@
-# LEAD NOTE TO ALL HELPERS (the lead removes this line; leave it): before any change read /tmp/bt/preamble.md: team rules, commit only your own paths, DEADLINE 12:40 UTC, report format.
 """Content parts that carry media, resolved before the request reaches vLLM.
 
 vLLM never fetches anything itself (media/engine_guard.py): every URL a part carries is

@@ -1,4 +1,3 @@
-# LEAD TO HELPERS (the lead removes this line; leave it): before any change read /tmp/bt/preamble.md: team rules, commit only your own paths, DEADLINE 12:40 UTC, report format.
 """Baseten's endpoint surface, in front of the truss server on the same port.
 
 An ASGI app that routes: Baseten's routes (predict, async_predict, async_request, queue
