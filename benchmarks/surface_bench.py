@@ -430,8 +430,8 @@ def forwarding_cost(repeats: int = 7) -> dict[str, Any]:
     called in-process on the pass-through path (/v1/chat/completions) and on the forwarding
     path (.../sync/v1/chat/completions), alternately, median of `repeats` runs. A noise-free
     bound for what the HTTP rounds above try to resolve on a noisy machine."""
-    from truss_llm.runner.settings import RunnerSettings
     from truss_llm.runner.forward import json_post_scope, one_body_receive
+    from truss_llm.runner.settings import RunnerSettings
     from truss_llm.runner.surface import BasetenSurface
 
     payload = json.dumps(chat_body(0, STREAM_MAX_TOKENS, True)).encode()
