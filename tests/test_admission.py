@@ -44,7 +44,7 @@ def timed_stream(base_url: str, path: str, start: threading.Barrier | None = Non
     started = time.monotonic()
     first = None
     chunks = []
-    with httpx.stream("POST", f"{base_url}{path}", json=BODY, timeout=60) as response:
+    with httpx.stream("POST", f"{base_url}{path}", json=BODY, timeout=180) as response:
         for chunk in response.iter_text():
             first = first or time.monotonic()
             chunks.append(chunk)

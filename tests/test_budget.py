@@ -230,7 +230,7 @@ def test_async_work_gets_the_async_budget(http: httpx.Client, budgeted: Server,
         "webhook_endpoint": f"{receiver.url}/budget-async"})
     assert response.status_code == 201
     record = wait_for_status(budgeted.base_url, response.json()["request_id"],
-                             {"SUCCEEDED", "FAILED", "WEBHOOK_FAILED"}, timeout=90)
+                             {"SUCCEEDED", "FAILED", "WEBHOOK_FAILED"}, timeout=240)
     assert record["status"] == "SUCCEEDED", record
     (delivery,) = receiver.wait_for(1, "/budget-async")
     output = json.loads(delivery.body)["data"]
