@@ -117,11 +117,42 @@ def start_server(log_path: Path, *args: str, extra_env: dict[str, str] | None = 
 
 def stop_server(server: Server) -> list[psutil.Process]:
     """Ctrl-C the server by PID; returns the processes it started that outlived it."""
+    children = _interrupt(server)
+    return _reap(server, children)
+
+
+# Servers Ctrl-C'ed by `stop_server_soon`, reaped at the end of the session.
+_STOPPING: list[tuple[Server, list[psutil.Process]]] = []
+
+
+def stop_server_soon(server: Server) -> None:
+    """Ctrl-C the server by PID now and wait for it at the end of the session (the
+    `reap_stopped_servers` fixture). A vLLM engine takes 5-7 s to exit; a module's server
+    need not hold up the next module meanwhile. Not for tests that restart on the same
+    state directory: those need `stop_server`."""
+    _STOPPING.append((server, _interrupt(server)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reap_stopped_servers() -> Iterator[None]:
+    yield
+    leftovers = [(server.base_url, _reap(server, children)) for server, children in _STOPPING]
+    _STOPPING.clear()
+    assert not [found for _, found in leftovers if found], \
+        f"processes outlived their servers: {leftovers}"
+
+
+def _interrupt(server: Server) -> list[psutil.Process]:
     try:
         children = psutil.Process(server.process.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         children = []
-    server.process.send_signal(signal.SIGINT)
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGINT)
+    return children
+
+
+def _reap(server: Server, children: list[psutil.Process]) -> list[psutil.Process]:
     try:
         server.process.wait(STOP_TIMEOUT_S)
     except subprocess.TimeoutExpired:

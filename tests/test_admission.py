@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import MODEL_NAME, Server, start_server, stop_server
+from conftest import MODEL_NAME, Server, start_server, stop_server_soon
 
 FLOOD = 24
 TOKENS = 2000  # seconds a request: the whole flood arrives while the first ones run
@@ -33,7 +33,7 @@ def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                        extra_env={"TRUSS_LLM_ENGINE_MAX_NUM_SEQS": "2",
                                   "TRUSS_LLM_ENGINE_MAX_MODEL_LEN": "4096"})
     yield srv
-    stop_server(srv)
+    stop_server_soon(srv)
 
 
 def timed_stream(base_url: str, path: str, start: threading.Barrier | None = None

@@ -21,7 +21,7 @@ from conftest import (
     Server,
     WebhookReceiver,
     start_server,
-    stop_server,
+    stop_server_soon,
     wait_for_status,
 )
 
@@ -50,7 +50,7 @@ def store_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("store") / "server.log"
     srv = start_server(log, "--workers", "1", extra_env=STORE_ENV)
     yield srv
-    stop_server(srv)
+    stop_server_soon(srv)
 
 
 def db_path(server: Server) -> Path:

@@ -25,7 +25,7 @@ from conftest import (
     Server,
     WebhookReceiver,
     start_server,
-    stop_server,
+    stop_server_soon,
     wait_for_status,
 )
 from openai import BadRequestError, OpenAI
@@ -65,7 +65,7 @@ def budgeted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                    # The ramp queues up to 15 requests: admission must not refuse them.
                    "TRUSS_LLM_ENGINE_MAX_NUM_QUEUED_REQS": "64"})
     yield srv
-    stop_server(srv)
+    stop_server_soon(srv)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import time
 import httpx
 import psutil
 import pytest
-from conftest import MODEL_NAME, Server, start_server, stop_server
+from conftest import MODEL_NAME, Server, start_server, stop_server, stop_server_soon
 
 CHAT = {"model": MODEL_NAME, "max_tokens": 4,
         "messages": [{"role": "user", "content": "hi"}]}
@@ -20,7 +20,7 @@ RESTART_WITHIN_S = 180  # an engine start on 2 busy cores
 def doomed_server(tmp_path_factory: pytest.TempPathFactory):
     srv = start_server(tmp_path_factory.mktemp("doomed") / "server.log")
     yield srv
-    stop_server(srv)
+    stop_server_soon(srv)
 
 
 def engine_core(server: Server) -> psutil.Process:

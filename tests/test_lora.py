@@ -16,7 +16,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import MODEL_NAME, REPO, TINY_MODEL, Server, start_server, stop_server
+from conftest import (
+    MODEL_NAME,
+    REPO,
+    TINY_MODEL,
+    Server,
+    start_server,
+    stop_server_soon,
+)
 from openai import OpenAI
 from truss_llm import lora
 from truss_llm.engine import engine_args
@@ -76,7 +83,7 @@ def lora_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = start_server(log_path, extra_env={
         "TRUSS_LLM_ENGINE_LORA_ADAPTERS": f"{ADAPTER}={ADAPTER_DIR}"})
     yield server
-    assert not stop_server(server)
+    stop_server_soon(server)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from conftest import BUCKET, REPO, Server, start_server, stop_server
+from conftest import BUCKET, REPO, Server, start_server, stop_server_soon
 from PIL import Image
 from truss_llm.media.parts import MediaResolver
 from truss_llm.media.policy import FetchPolicy
@@ -129,7 +129,7 @@ def vlm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         **LIMITS})  # and no TRUSS_LLM_MEDIA_* allowance: the default address policy
     print(f"\nVLM server ready in {time.monotonic() - started:.1f} s at {server.base_url}")
     yield server
-    assert not stop_server(server)
+    stop_server_soon(server)
 
 
 @pytest.fixture(scope="module")

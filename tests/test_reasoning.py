@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from conftest import MODEL_NAME, Server, start_server, stop_server
+from conftest import MODEL_NAME, Server, start_server, stop_server_soon
 
 THINK = "Here is my thought process:"
 ANSWER = "Here is my response:"
@@ -36,7 +36,7 @@ def reasoning_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
     server = start_server(tmp_path_factory.mktemp("reasoning") / "server.log",
                           extra_env=REASONING_ENV)
     yield server
-    assert not stop_server(server)
+    stop_server_soon(server)
 
 
 def body(**extra: object) -> dict:

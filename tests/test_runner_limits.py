@@ -21,7 +21,7 @@ from conftest import (
     Server,
     WebhookReceiver,
     start_server,
-    stop_server,
+    stop_server_soon,
     wait_for_status,
 )
 from openai import APIError, AuthenticationError, OpenAI
@@ -48,7 +48,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                    "TRUSS_LLM_RUNNER_WEBHOOK_ATTEMPTS": "2",
                    "TRUSS_LLM_RUNNER_WEBHOOK_BACKOFF_S": "0.1"})
     yield srv
-    stop_server(srv)
+    stop_server_soon(srv)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from conftest import (
     WebhookReceiver,
     start_server,
     stop_server,
+    stop_server_soon,
     wait_for_status,
 )
 from truss_llm.runner.lifecycle import IDLE_CHECK_S, ModelLifecycle
@@ -90,7 +91,7 @@ def sleepy(tmp_path_factory: pytest.TempPathFactory):
                        extra_env={**LONG_CONTEXT, "TRUSS_LLM_RUNNER_MAX_BODY_BYTES":
                                   str(SMALL_BODY_LIMIT)})
     yield srv
-    stop_server(srv)
+    stop_server_soon(srv)
 
 
 def _ready(base_url: str) -> int:

@@ -21,7 +21,7 @@ from conftest import (
     WebhookReceiver,
     free_port,
     start_server,
-    stop_server,
+    stop_server_soon,
     wait_for_status,
 )
 from truss_llm.runner.settings import RunnerSettings
@@ -96,7 +96,7 @@ def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = start_server(tmp_path_factory.mktemp("strict") / "server.log",
                        loopback_webhooks=False)
     yield srv
-    stop_server(srv)
+    stop_server_soon(srv)
 
 
 def _async_predict(server: Server, webhook: str) -> httpx.Response:
