@@ -85,6 +85,37 @@ class Server:
         return self.metrics()["truss_llm_engine_unfinished_requests"]
 
 
+# How long the engine may take to drop the work of clients that went away.
+SETTLE_TIMEOUT_S = 10
+
+
+def wait_until_idle(server: Server, timeout: float = SETTLE_TIMEOUT_S) -> float:
+    """Wait until the engine has no unfinished request; returns when (time.monotonic)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.unfinished_requests() == 0:
+            return time.monotonic()
+        time.sleep(0.05)
+    raise AssertionError(f"engine still has {server.unfinished_requests()} requests")
+
+
+def drop_streams_midway(server: Server, path: str, body: dict, count: int) -> None:
+    """Open `count` streams of `body` on `path`, wait until each has begun (the engine then
+    runs all of them), and drop every connection mid-stream."""
+    clients = [httpx.Client(base_url=server.base_url, timeout=30) for _ in range(count)]
+    streams = [c.stream("POST", path, json={**body, "stream": True}) for c in clients]
+    # Keep each line iterator referenced: a collected one closes its connection early.
+    readers = []
+    for stream in streams:
+        response = stream.__enter__()
+        assert response.status_code == 200
+        readers.append(response.iter_lines())
+        next(readers[-1])  # generation has started
+    assert server.unfinished_requests() == count
+    for client in clients:
+        client.close()  # drops the connection mid-stream
+
+
 def start_server(log_path: Path, *args: str, extra_env: dict[str, str] | None = None,
                  port: int | None = None, api_key: str | None = None,
                  loopback_webhooks: bool = True) -> Server:

@@ -9,10 +9,9 @@ requests asked for (vLLM 0.32 does not count client aborts in `request_success_t
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
-from conftest import MODEL_NAME, Server
+from conftest import MODEL_NAME, Server, drop_streams_midway, wait_until_idle
 
 CONCURRENT = 6
 LONG = {"model": MODEL_NAME, "max_tokens": 480, "ignore_eos": True, "temperature": 1.0,
@@ -20,16 +19,6 @@ LONG = {"model": MODEL_NAME, "max_tokens": 480, "ignore_eos": True, "temperature
 # The non-streaming requests ask for n answers each: a decoding step then makes n tokens
 # for one step's time, so the requests outlast the client's timeout on a fast machine too.
 N = 8
-SETTLE_TIMEOUT_S = 10
-
-
-def wait_until_idle(server: Server) -> float:
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.unfinished_requests() == 0:
-            return time.monotonic()
-        time.sleep(0.05)
-    raise AssertionError(f"engine still has {server.unfinished_requests()} requests")
 
 
 def generated_tokens(server: Server) -> float:
@@ -39,19 +28,7 @@ def generated_tokens(server: Server) -> float:
 def test_streaming_disconnect_aborts(server: Server) -> None:
     wait_until_idle(server)
     tokens_before = generated_tokens(server)
-    clients = [httpx.Client(base_url=server.base_url, timeout=30) for _ in range(CONCURRENT)]
-    streams = [c.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True})
-               for c in clients]
-    # Keep each line iterator referenced: a collected one closes its connection early.
-    readers = []
-    for stream in streams:
-        response = stream.__enter__()
-        assert response.status_code == 200
-        readers.append(response.iter_lines())
-        next(readers[-1])  # generation has started
-    assert server.unfinished_requests() == CONCURRENT
-    for client in clients:
-        client.close()  # drops the connection mid-stream
+    drop_streams_midway(server, "/v1/chat/completions", LONG, CONCURRENT)
     wait_until_idle(server)
     assert generated_tokens(server) - tokens_before < CONCURRENT * LONG["max_tokens"] / 2
 

@@ -14,14 +14,13 @@ import base64
 import http.server
 import json
 import threading
-import time
 from collections.abc import Iterator
 
 import anthropic
 import httpx
 import openai
 import pytest
-from conftest import MODEL_NAME, Server
+from conftest import MODEL_NAME, Server, drop_streams_midway, wait_until_idle
 
 TRUSS_ROUTE, SYNC_PATH = "", "/environments/production/sync"
 WAYS_IN = pytest.mark.parametrize("prefix", [TRUSS_ROUTE, SYNC_PATH], ids=["truss", "sync"])
@@ -35,7 +34,6 @@ VERDICT_SCHEMA = {"type": "object",
                   "required": ["choice", "digit"], "additionalProperties": False}
 QUESTION = "What is the weather like in Paris today?"
 NOTES = "Queue status: 12 requests waiting. The weather in Oslo is cold. " * 4
-SETTLE_TIMEOUT_S = 10
 
 
 def openai_client(server: Server, prefix: str) -> openai.OpenAI:
@@ -233,13 +231,6 @@ def test_requests_are_counted_in_the_metrics(server: Server) -> None:
 
 # -- disconnects --------------------------------------------------------------------------
 
-def _wait_until_idle(server: Server) -> None:
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
-    while server.unfinished_requests() != 0:
-        assert time.monotonic() < deadline, "engine work left after the clients went"
-        time.sleep(0.05)
-
-
 LONG_RESPONSE = {"model": MODEL_NAME, "input": "Write a very long story.",
                  "max_output_tokens": 400, "temperature": 1.0}
 LONG_MESSAGE = {"model": MODEL_NAME, "max_tokens": 400,
@@ -250,26 +241,15 @@ CONCURRENT = 4
 @pytest.mark.parametrize(("path", "body"), [("/v1/responses", LONG_RESPONSE),
                                             ("/v1/messages", LONG_MESSAGE)])
 def test_streaming_disconnect_aborts(server: Server, path: str, body: dict) -> None:
-    _wait_until_idle(server)
-    clients = [httpx.Client(base_url=server.base_url, timeout=30) for _ in range(CONCURRENT)]
-    # Streams and line iterators stay referenced: a collected one closes its connection.
-    streams = [client.stream("POST", path, json={**body, "stream": True}) for client in clients]
-    readers = []
-    for stream in streams:
-        response = stream.__enter__()
-        assert response.status_code == 200
-        readers.append(response.iter_lines())
-        next(readers[-1])  # generation has started
-    assert server.unfinished_requests() == CONCURRENT
-    for client in clients:
-        client.close()  # drops the connection mid-stream
-    _wait_until_idle(server)
+    wait_until_idle(server)
+    drop_streams_midway(server, path, body, CONCURRENT)
+    wait_until_idle(server)
 
 
 @pytest.mark.parametrize(("path", "body"), [("/v1/responses", LONG_RESPONSE),
                                             ("/v1/messages", LONG_MESSAGE)])
 def test_non_streaming_disconnect_aborts(server: Server, path: str, body: dict) -> None:
-    _wait_until_idle(server)
+    wait_until_idle(server)
     before = server.metric("vllm:generation_tokens_total")
     timeouts: list[bool] = []
 
@@ -285,7 +265,7 @@ def test_non_streaming_disconnect_aborts(server: Server, path: str, body: dict) 
         thread.start()
     for thread in threads:
         thread.join(30)
-    _wait_until_idle(server)
+    wait_until_idle(server)
     # Requests that outlived their client stopped generating when it went.
     generated = server.metric("vllm:generation_tokens_total") - before
     assert sum(timeouts) >= 1
