@@ -3,8 +3,8 @@
 Starts two `truss-llm serve` servers (the real truss server, the Baseten surface, the vLLM
 CPU engine, the tiny model) on 127.0.0.1, both exported with `git archive` from `--after REV`
 (default HEAD) and run with PYTHONPATH at their packages/: "after" as it is, "before" with
-the body decoded on the event loop as it used to be (`THREAD_DECODE_BYTES` raised past any
-body; `--before REV` compares with another commit instead). Rounds alternate between
+the body decoded as it first was, by json on the event loop (`BEFORE_PATCHES`;
+`--before REV` compares with another commit instead). Rounds alternate between
 them (ABBA), so that the drift of a shared machine hits both alike. Per round, route and
 server: one chat completion is streamed (temperature 0, ignore_eos, 400 tokens: a chunk
 every few milliseconds) and, once it flows, a ~90 MB chat body is posted from another
@@ -25,7 +25,7 @@ big image sends it).
     .venv/bin/python benchmarks/body_stall.py --decode-only 5   # the decode alone, no HTTP
 
 Writes benchmarks/results/body_stall.json after every round (`--decode-only`: the stall of
-the event loop while this tree's decoder runs inline, as before, and in a worker thread, in
+the event loop while a body is decoded by json inline, by json in a thread, and by this tree, in
 one process without HTTP or engine: body_stall_decode_only.json). On a shared 2-core machine the
 numbers are noisy: compare medians over rounds, beside the baseline gaps of the same run.
 """
@@ -59,11 +59,12 @@ BODY_BYTES = 90 * 1000 * 1000
 STREAM_TOKENS = 400
 CHUNKS_BEFORE_POST = 20
 VARIANTS = ("before", "after")
-# "before" is the same tree with the decode kept on the event loop (the threshold raised
-# past any body), so that the comparison is that change alone; --before REV compares with
-# another commit as it is instead.
+# "before" is the same tree decoding as it first did: the standard library's json on the
+# event loop (the threshold raised past any body, jiter swapped for json), so that the
+# comparison is those changes alone; --before REV compares with another commit as it is.
 AFTER_REV = "HEAD"
-INLINE_DECODE = ("THREAD_DECODE_BYTES = 1024 * 1024", "THREAD_DECODE_BYTES = 2**62")
+BEFORE_PATCHES = (("THREAD_DECODE_BYTES = 1024 * 1024", "THREAD_DECODE_BYTES = 2**62"),
+                  ("body = pydantic_core.from_json(raw)", "body = _decode_with_stdlib(raw)"))
 WARMUP_STREAMS = 2
 ROUTES = {"truss-v1": "/v1/chat/completions",
           "surface-sync": "/environments/production/sync/v1/chat/completions"}
@@ -193,22 +194,28 @@ async def _loop_stall(decode: Callable[[], Awaitable[object]]) -> float:
 
 def decode_only(bodies: dict[str, bytes], repeats: int) -> dict[str, Any]:
     """In one process, no HTTP: the event loop's stall while the model decodes each body
-    inline (as before) and in a worker thread (read_json_object now), alternating."""
+    three ways, alternating: json on the loop (the first version), json in a worker thread
+    (the second), and this tree's decoder in a worker thread (read_json_object now)."""
     from truss_llm.errors import RequestError
-    from truss_llm.openai_surface import decode_json_object
+    from truss_llm.openai_surface import _decode_with_stdlib, decode_json_object
 
-    async def inline(raw: bytes) -> None:
+    async def json_inline(raw: bytes) -> None:
         with contextlib.suppress(RequestError):
-            decode_json_object(raw)
+            _decode_with_stdlib(raw)
 
-    async def threaded(raw: bytes) -> None:
+    async def json_thread(raw: bytes) -> None:
+        with contextlib.suppress(RequestError):
+            await asyncio.to_thread(_decode_with_stdlib, raw)
+
+    async def now(raw: bytes) -> None:
         with contextlib.suppress(RequestError):
             await asyncio.to_thread(decode_json_object, raw)
 
     stalls: dict[str, list[float]] = {}
     for _ in range(repeats):
         for kind, raw in bodies.items():
-            for name, way in (("inline", inline), ("thread", threaded)):
+            for name, way in (("json-inline", json_inline), ("json-thread", json_thread),
+                              ("now", now)):
                 stalls.setdefault(f"{kind}/{name}", []).append(
                     asyncio.run(_loop_stall(lambda way=way, raw=raw: way(raw))))
     return {key: {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v),
@@ -224,8 +231,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--bodies", default="text,image")
     parser.add_argument("--decode-only", type=int, metavar="REPEATS", default=0,
-                        help="only the in-process decode stall, inline against threaded "
-                             "(no servers), REPEATS times each")
+                        help="only the in-process decode stall, the three ways (no "
+                             "servers), REPEATS times each")
     args = parser.parse_args()
     bodies = {kind: big_body(kind) for kind in args.bodies.split(",")}
     if args.decode_only:
@@ -245,16 +252,18 @@ def main() -> None:
     if args.before is None:
         surface = trees["before"] / "packages" / "truss_llm" / "openai_surface.py"
         source = surface.read_text()
-        assert INLINE_DECODE[0] in source, "the threshold moved: update INLINE_DECODE"
-        surface.write_text(source.replace(*INLINE_DECODE))
+        for old, new in BEFORE_PATCHES:
+            assert old in source, f"{old!r} moved: update BEFORE_PATCHES"
+            source = source.replace(old, new)
+        surface.write_text(source)
     started = time.perf_counter()
     result: dict[str, Any] = {
         "revs": {variant: subprocess.run(["git", "rev-parse", rev], cwd=REPO, text=True,
                                          capture_output=True, check=True).stdout.strip()
                  for variant, rev in revs.items()},
         "before_is": f"{args.before} as it is" if args.before else
-                     "--after with the body decoded on the event loop (THREAD_DECODE_BYTES "
-                     "raised past any body)",
+                     "--after with the body decoded by json on the event loop (as first "
+                     "written: THREAD_DECODE_BYTES raised past any body, no jiter)",
         "body_bytes": {k: len(v) for k, v in bodies.items()}, "stream_tokens": STREAM_TOKENS,
         "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(),
                     "load_avg_at_start": psutil.getloadavg()},
