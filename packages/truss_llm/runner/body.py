@@ -10,6 +10,7 @@ oversized body is read and thrown away, so that the client, still sending, reads
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -23,7 +24,6 @@ Receive = Callable[[], Awaitable[Message]]
 DRAIN_LIMIT_BYTES = 2 * 1024**3
 # Bodies up to this size stay in memory (every chat request); larger ones go to disk.
 IN_MEMORY_BYTES = 1024 * 1024
-REPLAY_CHUNK_BYTES = 1024 * 1024
 
 
 class BodyTooLarge(Exception):
@@ -71,10 +71,12 @@ class Body:
     def rewind(self) -> None:
         self._spool.seek(0)
 
-    def next_piece(self) -> tuple[bytes, bool]:
-        """The next piece to replay and whether more follows (reads lazily from the spool)."""
-        piece = self._spool.read(REPLAY_CHUNK_BYTES)
-        return piece, self._spool.tell() < self.size
+    async def read_off_loop(self) -> bytes:
+        """The whole body; one on disk is read in a worker thread (the read releases the
+        GIL, so the streams of the replica go on meanwhile)."""
+        if self.size <= IN_MEMORY_BYTES:
+            return self.read()
+        return await asyncio.to_thread(self.read)
 
     def close(self) -> None:
         self._spool.close()
@@ -106,17 +108,20 @@ async def read_body(scope: Message, receive: Receive, limit: int) -> Body:
 
 def replaying(body: Body, receive: Receive) -> Receive:
     """A `receive` that yields the body already read, then the client's own messages
-    (so the app downstream still learns of a disconnect)."""
+    (so the app downstream still learns of a disconnect).
+
+    The body goes in one message: Starlette's `request.body()` joins the messages it gets,
+    and a join of one `bytes` is that object itself, where a join of many copies 90 MB on
+    the event loop."""
     done = False
 
     async def receive_again() -> Message:
         nonlocal done
         if done:
             return await receive()
-        piece, more = body.next_piece()
-        if not more:
-            done = True
-            body.close()
-        return {"type": "http.request", "body": piece, "more_body": more}
+        done = True
+        whole = await body.read_off_loop()
+        body.close()
+        return {"type": "http.request", "body": whole, "more_body": False}
 
     return receive_again
