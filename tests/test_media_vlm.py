@@ -161,7 +161,7 @@ def test_a_fetched_image_reaches_the_engine_as_the_same_image_inlined(
 
     The server's policy is the default one, which (rightly) refuses 127.0.0.1; so the fetch
     runs in a MediaResolver here whose policy allows moto's address, and the server gets
-    the body it produced.
+    the body it produced. The SERVER's fetcher doing it: tests/test_media_vlm_fetched.py.
     """
     image = png((240, 200, 10), (64, 64))
     s3.put_object(Bucket=BUCKET, Key="cat.png", Body=image, ContentType="image/png")
