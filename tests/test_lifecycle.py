@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 
@@ -36,6 +37,16 @@ def test_ready_means_it_can_generate(doomed_server: Server) -> None:
     response = httpx.post(f"{doomed_server.base_url}/v1/chat/completions", json=CHAT, timeout=30)
     assert response.status_code == 200
     assert time.monotonic() - started < 5  # no set-up left for the first request
+
+
+def test_the_start_up_heap_is_frozen_once_ready(doomed_server: Server) -> None:
+    """As `vllm serve` does: otherwise each oldest-generation collection walks ~700k
+    start-up objects, a pause of about half a second for every stream of the replica."""
+    assert httpx.post(f"{doomed_server.base_url}/v1/chat/completions", json=CHAT,
+                      timeout=60).status_code == 200
+    frozen = re.search(r"froze the start-up heap: (\d+) objects", doomed_server.log())
+    assert frozen, "no heap freeze logged"
+    assert int(frozen[1]) > 100_000
 
 
 def test_dead_engine_fails_readiness_and_requests_never_get_a_500(doomed_server: Server
