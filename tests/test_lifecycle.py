@@ -39,14 +39,18 @@ def test_ready_means_it_can_generate(doomed_server: Server) -> None:
     assert time.monotonic() - started < 5  # no set-up left for the first request
 
 
-def test_the_start_up_heap_is_frozen_once_ready(doomed_server: Server) -> None:
-    """As `vllm serve` does: otherwise each oldest-generation collection walks ~700k
-    start-up objects, a pause of about half a second for every stream of the replica."""
+def test_the_start_up_heap_is_frozen_and_vllm_settings_cached_once_ready(
+        doomed_server: Server) -> None:
+    """As `vllm serve` does for the heap (otherwise each oldest-generation collection walks
+    ~700k start-up objects, a pause of about half a second for every stream of the
+    replica), and as vLLM's engine process does for its settings."""
     assert httpx.post(f"{doomed_server.base_url}/v1/chat/completions", json=CHAT,
                       timeout=60).status_code == 200
-    frozen = re.search(r"froze the start-up heap: (\d+) objects", doomed_server.log())
+    log = doomed_server.log()
+    frozen = re.search(r"froze the start-up heap: (\d+) objects", log)
     assert frozen, "no heap freeze logged"
     assert int(frozen[1]) > 100_000
+    assert "vLLM's environment settings cached" in log
 
 
 def test_dead_engine_fails_readiness_and_requests_never_get_a_500(doomed_server: Server
