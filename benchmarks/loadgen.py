@@ -8,7 +8,8 @@
 
 For each concurrency level it keeps that many streams busy (closed loop: a stream starts
 its next request as soon as one ends) for a fixed number of requests, after a warm-up that
-is not recorded. Every request is a streaming chat completion with a prompt of exactly
+is not recorded; all streams start at once, or with `--stagger` spread over one request's
+duration. Every request is a streaming chat completion with a prompt of exactly
 `--prompt-tokens` tokens (as the server counts them, chat template included) and exactly
 `--max-tokens` output tokens (`ignore_eos`, a vLLM extension, keeps the model from stopping
 early; `stream_options.include_usage` makes the server report what it generated). Recorded
@@ -339,19 +340,29 @@ def make_client(max_concurrency: int, timeout_s: float = REQUEST_TIMEOUT_S) -> h
 async def run_level(client: httpx.AsyncClient, target: Target, prompts: PromptFactory,
                     workload: Workload, concurrency: int, num_requests: int,
                     first_index: int = 0, progress: str | None = None,
-                    warmup: bool = True) -> dict[str, Any]:
+                    warmup: bool = True, stagger: bool = False) -> dict[str, Any]:
     """Keep `concurrency` streams busy until `num_requests` requests have run; returns
     `summarize(...)` plus the settings. With `warmup`, one request per stream runs first,
-    unrecorded: connections open and the engine reaches this batch size."""
+    unrecorded: connections open and the engine reaches this batch size.
+
+    All streams start at once by default, and since every request is as long as the
+    others they stay in step: each wave of `concurrency` requests reaches the server
+    together, and the time to first token depends on where in the engine's steps the wave
+    lands (it swings several-fold between identical runs). With `stagger`, stream k starts
+    k/concurrency of a request's duration (the warm-up's median) late, so arrivals spread
+    evenly, as independent users' do, and TTFT measures the server rather than the phase."""
     assert target.model, "resolve_model() first"
     url = f"{target.base_url}{CHAT_PATH}"
     headers = target.headers()
     index = first_index
-    if warmup:
+    stagger_s = 0.0
+    if warmup or stagger:
         bodies = [prompts.body(target.model, workload, index + i) for i in range(concurrency)]
         index += concurrency
-        await asyncio.gather(*(stream_chat(client, url, headers, json.dumps(b).encode())
-                               for b in bodies))
+        warm = await asyncio.gather(*(stream_chat(client, url, headers,
+                                                  json.dumps(b).encode()) for b in bodies))
+        if stagger:
+            stagger_s = statistics.median(r.e2e_s for r in warm) / concurrency
     # Bodies are built before the clock starts: the random prompt text costs client CPU.
     payloads = [json.dumps(prompts.body(target.model, workload, index + i)).encode()
                 for i in range(num_requests)]
@@ -359,8 +370,12 @@ async def run_level(client: httpx.AsyncClient, target: Target, prompts: PromptFa
     bar = _progress_bar(num_requests, progress)
     next_request = 0
 
-    async def stream_worker() -> None:
+    first_starts: list[float] = []
+
+    async def stream_worker(k: int) -> None:
         nonlocal next_request
+        await asyncio.sleep(k * stagger_s)
+        first_starts.append(time.perf_counter() - started)
         while next_request < num_requests:
             i = next_request
             next_request += 1
@@ -369,13 +384,14 @@ async def run_level(client: httpx.AsyncClient, target: Target, prompts: PromptFa
                 bar.update(1)
 
     started = time.perf_counter()
-    await asyncio.gather(*(stream_worker() for _ in range(concurrency)))
+    await asyncio.gather(*(stream_worker(k) for k in range(concurrency)))
     wall = time.perf_counter() - started
     if bar is not None:
         bar.close()
     summary = summarize(results, wall)
     summary.update(concurrency=concurrency, prompt_tokens_target=workload.prompt_tokens,
-                   max_tokens=workload.max_tokens)
+                   max_tokens=workload.max_tokens, stagger_s=round(stagger_s, 5),
+                   last_stream_started_s=round(max(first_starts), 5))
     return summary
 
 
@@ -396,6 +412,7 @@ class SweepConfig:
     requests_per_stream: int = DEFAULT_REQUESTS_PER_STREAM
     min_requests: int = MIN_REQUESTS
     progress: bool = True
+    stagger: bool = False  # see run_level
 
 
 async def sweep(target: Target, config: SweepConfig, seed: int = 0) -> dict[str, Any]:
@@ -409,7 +426,7 @@ async def sweep(target: Target, config: SweepConfig, seed: int = 0) -> dict[str,
             n = requests_for(concurrency, config.requests_per_stream, config.min_requests)
             label = f"{target.name} c={concurrency}" if config.progress else None
             level = await run_level(client, target, prompts, config.workload, concurrency,
-                                    n, index, label)
+                                    n, index, label, stagger=config.stagger)
             index += n + concurrency
             levels.append(level)
             print(level_line(target.name, level), flush=True)
@@ -517,6 +534,9 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ignore-eos", action="store_true",
                         help="for servers that reject vLLM's ignore_eos (lengths then vary)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--stagger", action="store_true",
+                        help="start stream k k/N of a request's duration late, so requests "
+                             "arrive spread out instead of in waves (see run_level)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -529,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     target = Target(args.name, args.base_url.rstrip("/"), args.api_key, args.model)
     config = SweepConfig(args.concurrency,
                          Workload(args.prompt_tokens, args.max_tokens, not args.no_ignore_eos),
-                         args.requests_per_stream, args.min_requests, not args.no_progress)
+                         args.requests_per_stream, args.min_requests, not args.no_progress,
+                         args.stagger)
     report = {"command": command_line(), "environment": environment()}
     report.update(asyncio.run(sweep(target, config)))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,11 @@ package resolves here, and `truss-llm serve`), then runs the harness (loadgen.py
 three targets: the peer's `/v1`, ours through Baseten's OpenAI base path
 (`/environments/production/sync/v1`, what a Baseten user points an SDK at) and ours on the
 truss server's own `/v1` routes. Streaming chat, a 64-token prompt, 128 output tokens
-(`ignore_eos`), concurrency 1, 16, 64; every run warms up first. The order of the targets
+(`ignore_eos`), concurrency 1, 16, 64; every run warms up first. Streams start staggered
+over one request's duration, so requests arrive spread out as independent users' do;
+`--arrivals burst` starts them together, and since every request is as long, they then stay
+in step and each wave's TTFT depends on where it lands in the engine's steps (the same
+server's TTFT p50 at 64 streams swings 60-440 ms between identical runs). The order of the targets
 flips every round (ABC, CBA, ABC...: ABBA for three), so drift on a shared 2-core machine
 hits every target alike, and each round records the CPU that processes outside the
 benchmark used meanwhile (a disturbed round shows it). Ratios ours/peer are taken within a
@@ -145,8 +149,8 @@ def disturbed(run: dict[str, Any], limit: float) -> bool:
 
 async def measure(targets: dict[str, loadgen.Target], levels: list[int], rounds: int,
                   foreign: servers.ForeignCpu, per_stream: int, max_foreign: float,
-                  max_repeats: int, save: Callable[[dict[str, Any]], None]
-                  ) -> dict[str, Any]:
+                  max_repeats: int, save: Callable[[dict[str, Any]], None],
+                  stagger: bool) -> dict[str, Any]:
     """Every level, `rounds` rounds of every target in alternating order. A round in which
     some run was disturbed (see `disturbed`) is run again, up to `max_repeats` times per
     level; the discarded rounds stay in the JSON, marked."""
@@ -170,7 +174,7 @@ async def measure(targets: dict[str, loadgen.Target], levels: list[int], rounds:
                     load_before = os.getloadavg()[0]
                     result = await loadgen.run_level(
                         client, resolved[name], prompts, workload, level, n, index,
-                        progress=f"round {rnd} {name} c={level}")
+                        progress=f"round {rnd} {name} c={level}", stagger=stagger)
                     index += n + level
                     this_round.append({"level": level, "round": rnd, "target": name,
                                        "foreign_cpu_s": foreign.stop(),
@@ -202,7 +206,8 @@ def measured(prompts: loadgen.PromptFactory, runs: list[dict[str, Any]],
 
 
 async def profile_under_load(target: loadgen.Target, pid: int, seconds: float,
-                             tokens_per_s: float, out: Path) -> dict[str, Any]:
+                             tokens_per_s: float, out: Path, stagger: bool
+                             ) -> dict[str, Any]:
     """py-spy on `pid` for `seconds` while PROFILE_CONCURRENCY streams run against it."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     # Enough requests to outlast the sampling, from the throughput just measured.
@@ -213,7 +218,7 @@ async def profile_under_load(target: loadgen.Target, pid: int, seconds: float,
         prompts = await loadgen.PromptFactory.calibrate(client, target, seed=7)
         load = asyncio.create_task(loadgen.run_level(
             client, target, prompts, workload, PROFILE_CONCURRENCY, n, 10_000_000,
-            progress=f"profile {target.name}"))
+            progress=f"profile {target.name}", stagger=stagger))
         await asyncio.sleep(3)  # past the warm-up: sample the steady state
         spy = await asyncio.create_subprocess_exec(
             py_spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r",
@@ -247,7 +252,9 @@ def markdown_table(report: dict[str, Any]) -> str:
                          f"{t['tpot_p50_s'] * 1e3:.2f} | {tok} | {typical} | {ttft} |")
     discarded = len(report.get("discarded_runs", []))
     lines.append("")
-    lines.append(f"Medians over {report['rounds']} kept rounds per level; {discarded} runs of "
+    arrivals = report.get("arrivals", "burst")  # runs before the option were bursts
+    lines.append(f"Arrivals: {arrivals}. "
+                 f"Medians over {report['rounds']} kept rounds per level; {discarded} runs of "
                  "rounds disturbed by other processes were run again (kept in the JSON). "
                  "Typical tok/s = streams x tokens / median latency (robust to a few stalled "
                  f"requests). Goals: tok/s ratio >= {GOAL_TOKENS_RATIO}, TTFT p50 ratio <= "
@@ -344,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-h11", action="store_true",
                         help=f"add a second server of ours on h11 + asyncio ({OURS_H11}): "
                              "truss's own HTTP stack, to show what switching gained")
+    parser.add_argument("--arrivals", choices=("staggered", "burst"), default="staggered",
+                        help="staggered: stream k starts k/N of a request's duration late, "
+                             "so requests arrive spread out as independent users' do "
+                             "(default); burst: all streams start at once and stay in step, "
+                             "so TTFT depends on where each wave lands in the engine's steps")
     parser.add_argument("--profile-s", type=float, default=20.0,
                         help="py-spy seconds per server after the rounds (0: no profile)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "peer_bench.json")
@@ -358,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server logs: {log_dir}", flush=True)
     report: dict[str, Any] = {"command": loadgen.command_line(),
                               "environment": loadgen.environment(), "rounds": args.rounds,
+                              "arrivals": args.arrivals,
                               "workload": {"prompt_tokens": PROMPT_TOKENS,
                                            "max_tokens": MAX_TOKENS, "ignore_eos": True,
                                            "stream": True, "include_usage": True}}
@@ -389,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
 
         report.update(asyncio.run(measure(targets, args.concurrency, args.rounds, foreign,
                                           args.requests_per_stream, args.max_foreign,
-                                          args.max_repeats, save)))
+                                          args.max_repeats, save,
+                                          stagger=args.arrivals == "staggered")))
         # The measurement is saved before profiling: a failed profile must not lose it.
         args.out.write_text(json.dumps(loadgen.rounded(report), indent=2) + "\n")
         if args.profile_s > 0:
@@ -400,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     report["profiles"][name] = asyncio.run(profile_under_load(
                         targets[name], server.pid, args.profile_s, tokens_per_s,
-                        args.out.with_name(f"profile_{name}.txt")))
+                        args.out.with_name(f"profile_{name}.txt"),
+                        stagger=args.arrivals == "staggered"))
                 except (OSError, ValueError) as exc:
                     report["profiles"][name] = {"failed": f"{type(exc).__name__}: {exc}"}
                     print(f"profile {name} failed: {exc}", flush=True)

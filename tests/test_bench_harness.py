@@ -1,15 +1,18 @@
-"""The benchmark harness's statistics and the budget report's arithmetic (no server, no engine).
+"""The benchmark harness's statistics and the budget report's arithmetic (no engine), and
+one short run of the load generator against the session's server.
 
 The benchmarks are scripts in benchmarks/, not a package: their folder goes on sys.path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import Server
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -129,3 +132,20 @@ def test_peer_ratios_are_paired_within_a_round() -> None:
     assert ratios["ttft_p50"]["median"] == pytest.approx(1.2)
     assert ratios["goal_ttft_met"] is False
     assert summary["per_target"][peer_bench.PEER]["output_tokens_per_s"] == 100
+
+
+def test_staggered_streams_start_spread_over_one_request(server: Server) -> None:
+    """Bursts keep every stream in step; staggered, stream k starts k/N of a request late."""
+    async def level(stagger: bool) -> dict:
+        async with loadgen.make_client(4) as client:
+            target = await loadgen.resolve_model(
+                client, loadgen.Target("ours", f"{server.base_url}/v1"))
+            return await loadgen.run_level(
+                client, target, loadgen.PromptFactory.short_sentences(),
+                loadgen.Workload(prompt_tokens=None, max_tokens=24), 4, 8, stagger=stagger)
+
+    burst, staggered = asyncio.run(level(False)), asyncio.run(level(True))
+    assert burst["ok"] == staggered["ok"] == 8
+    assert burst["stagger_s"] == 0 and burst["last_stream_started_s"] < 0.05
+    assert staggered["stagger_s"] > 0
+    assert staggered["last_stream_started_s"] >= 3 * staggered["stagger_s"]
