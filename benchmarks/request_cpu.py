@@ -1,15 +1,17 @@
 """CPU per request of each server's HTTP process, one request at a time: ours against `vllm serve`.
 
-    .venv/bin/python benchmarks/request_cpu.py                 # about 6 minutes on 2 cores
+    .venv/bin/python benchmarks/request_cpu.py                 # about 9 minutes on 2 cores
 
 Starts both servers on 127.0.0.1 (servers.py) and, with the harness (loadgen.py) at
 concurrency 1 (no batching, no queueing), streams chat completions one after another to
 the peer's `/v1`, to ours through Baseten's sync path and to the truss server's own `/v1`,
 alternating the order every round (ABBA). Per target and round it reads the CPU time
 (user + system) the HTTP process itself used (psutil; the engine's process is not counted:
-it does the same work for both) and divides it by the requests: the price of one request's
-trip through each stack. Two workloads: a one-token answer (what the HTTP layers cost a
-request) and 128 tokens (plus what streaming them costs), both with a 64-token prompt.
+it does the same work for both, and is reported apart) and divides it by the requests: the
+price of one request's trip through each stack. Three workloads, all with a 64-token
+prompt: a one-token answer (what the HTTP layers cost a request), 128 tokens (plus what
+streaming them costs), and 128 tokens at 64 concurrent staggered streams (per 1,000 tokens:
+does a stack's cost per token grow with the number of streams it serves at once?).
 
 Writes benchmarks/results/request_cpu.json.
 """
@@ -24,7 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
@@ -34,7 +36,17 @@ import servers
 
 RESULTS = loadgen.REPO / "benchmarks" / "results"
 PROMPT_TOKENS = 64
-WORKLOADS = {"1 token": 1, "128 tokens": 128}
+
+
+
+class Run(NamedTuple):
+    max_tokens: int
+    concurrency: int
+    requests: int  # per target and round
+
+
+WORKLOADS = {"1 token": Run(1, 1, 40), "128 tokens": Run(128, 1, 40),
+             "128 tokens x64": Run(128, 64, 320)}
 
 
 def cpu_s(pid: int) -> float:
@@ -42,33 +54,59 @@ def cpu_s(pid: int) -> float:
     return times.user + times.system
 
 
+def children_cpu_s(pid: int) -> float:
+    """The engine's processes (the HTTP process's children, alive ones)."""
+    total = 0.0
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            total += cpu_s(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 async def measure(targets: dict[str, tuple[loadgen.Target, int]], rounds: int,
-                  requests: int) -> list[dict[str, Any]]:
+                  requests_at_1: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    async with loadgen.make_client(1) as client:
+    concurrency = max(run.concurrency for run in WORKLOADS.values())
+    async with loadgen.make_client(concurrency) as client:
         resolved = {name: (await loadgen.resolve_model(client, target), pid)
                     for name, (target, pid) in targets.items()}
         prompts = await loadgen.PromptFactory.calibrate(client, next(iter(resolved.values()))[0])
         index = 0
         for rnd in range(rounds):
             order = list(resolved) if rnd % 2 == 0 else list(resolved)[::-1]
-            for workload, max_tokens in WORKLOADS.items():
+            for workload, run in WORKLOADS.items():
+                requests = run.requests if run.concurrency > 1 else requests_at_1
                 for name in order:
                     target, pid = resolved[name]
-                    before = cpu_s(pid)
+                    stagger = run.concurrency > 1
+                    warmup = rnd == 0 or stagger  # staggering times a first wave
+                    before, engine_before = cpu_s(pid), children_cpu_s(pid)
                     level = await loadgen.run_level(
-                        client, target, prompts, loadgen.Workload(PROMPT_TOKENS, max_tokens),
-                        1, requests, index, warmup=rnd == 0)
+                        client, target, prompts,
+                        loadgen.Workload(PROMPT_TOKENS, run.max_tokens), run.concurrency,
+                        requests, index, warmup=warmup, stagger=stagger)
                     used = cpu_s(pid) - before
-                    index += requests + 1
+                    engine_used = children_cpu_s(pid) - engine_before
+                    # The CPU counters include the warm-up wave: so do the counts.
+                    served = requests + (run.concurrency if warmup else 0)
+                    index += served
+                    tokens = served * run.max_tokens
                     row = {"round": rnd, "workload": workload, "target": name,
                            "ok": level["ok"],
-                           "cpu_ms_per_request": used / requests * 1000,
+                           "cpu_ms_per_request": used / served * 1000,
+                           "cpu_ms_per_1k_tokens": used / tokens * 1e6,
+                           "engine_cpu_ms_per_1k_tokens": engine_used / tokens * 1e6,
+                           "output_tokens_per_s": level["output_tokens_per_s"],
                            "ttft_p50_ms": level["ttft_s"]["p50"] * 1000}
                     rows.append(row)
-                    print(f"round {rnd} {workload:10s} {name:13s} "
-                          f"{row['cpu_ms_per_request']:6.2f} CPU ms/request  "
-                          f"TTFT p50 {row['ttft_p50_ms']:5.2f} ms", flush=True)
+                    print(f"round {rnd} {workload:14s} {name:13s} "
+                          f"{row['cpu_ms_per_request']:6.2f} CPU ms/request "
+                          f"{row['cpu_ms_per_1k_tokens']:6.1f} /1k tokens "
+                          f"(engine {row['engine_cpu_ms_per_1k_tokens']:6.1f})  "
+                          f"TTFT p50 {row['ttft_p50_ms']:6.2f} ms  "
+                          f"{row['output_tokens_per_s']:7.0f} tok/s", flush=True)
     return rows
 
 
@@ -76,7 +114,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--requests", type=int, default=40,
-                        help="requests per target, round and workload")
+                        help="requests per target, round and one-stream workload")
     parser.add_argument("--out", type=Path, default=RESULTS / "request_cpu.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="request-cpu-"))
@@ -91,12 +129,15 @@ def main() -> int:
     summary = {
         workload: {name: {key: round(statistics.median(
             r[key] for r in rows if r["workload"] == workload and r["target"] == name), 3)
-            for key in ("cpu_ms_per_request", "ttft_p50_ms")} for name in targets}
+            for key in ("cpu_ms_per_request", "cpu_ms_per_1k_tokens",
+                        "engine_cpu_ms_per_1k_tokens", "output_tokens_per_s", "ttft_p50_ms")}
+            for name in targets}
         for workload in WORKLOADS}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(loadgen.rounded({
         "command": loadgen.command_line(), "environment": loadgen.environment(),
-        "prompt_tokens": PROMPT_TOKENS, "requests_per_run": args.requests,
+        "prompt_tokens": PROMPT_TOKENS, "requests_per_run_at_1": args.requests,
+        "workloads": {name: run._asdict() for name, run in WORKLOADS.items()},
         "rounds": args.rounds, "note": "psutil counts CPU in 10 ms ticks",
         "summary": summary, "rows": rows, "wall_s": time.perf_counter() - started,
         "load_avg_at_end": psutil.getloadavg()}), indent=2) + "\n")
