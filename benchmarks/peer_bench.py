@@ -19,6 +19,11 @@ benchmark used meanwhile (a disturbed round shows it). Ratios ours/peer are take
 round and summarized by their median; the goal (issue 9) is >= 1.0 for output tokens/s and
 <= 1.1 for TTFT p50.
 
+With --control, a second `vllm serve` (`vllm-serve-control`, the same command) joins the
+rounds as one more target: its ratios to the first are the noise floor, what two identical
+servers read against each other on this machine in the same run. A ratio of ours inside
+that band cannot be told apart from parity.
+
 Then, with --profile-s S (default 20), one more 64-stream load per server while py-spy
 samples its HTTP process for S seconds: the raw stacks go to
 benchmarks/results/profile_<name>.txt and the shares (profile_share.py) into the JSON.
@@ -56,6 +61,7 @@ PEER = "vllm-serve"
 OURS_SYNC = "ours-sync-v1"
 OURS_ROOT = "ours-v1"
 OURS_H11 = "ours-h11-sync-v1"  # the HTTP stack truss's own server runs: the before
+CONTROL = "vllm-serve-control"  # the peer again: what identical servers read (A/A)
 H11_ENV = {"TRUSS_LLM_UVICORN_HTTP": "h11", "TRUSS_LLM_UVICORN_LOOP": "asyncio"}
 GOAL_TOKENS_RATIO = 1.0
 GOAL_TTFT_RATIO = 1.1
@@ -351,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-h11", action="store_true",
                         help=f"add a second server of ours on h11 + asyncio ({OURS_H11}): "
                              "truss's own HTTP stack, to show what switching gained")
+    parser.add_argument("--control", action="store_true",
+                        help=f"add a second `vllm serve` ({CONTROL}): the peer against "
+                             "itself, the noise floor of every ratio")
     parser.add_argument("--arrivals", choices=("staggered", "burst"), default="staggered",
                         help="staggered: stream k starts k/N of a request's duration late, "
                              "so requests arrive spread out as independent users' do "
@@ -387,12 +396,18 @@ def main(argv: list[str] | None = None) -> int:
             h11 = stack.enter_context(servers.our_server(log_dir, H11_ENV, "truss-llm-h11"))
             started_servers.append(h11)
             targets[OURS_H11] = loadgen.Target(OURS_H11, h11.url + servers.OURS_SYNC_BASE)
+        if args.control:
+            control = stack.enter_context(servers.peer_server(log_dir, CONTROL))
+            started_servers.append(control)
+            targets[CONTROL] = loadgen.Target(CONTROL, control.url + "/v1")
         report["targets"] = list(targets)
         report["servers"] = {s.name: {"startup_s": s.startup_s, "pid": s.pid,
                                       "command": " ".join(s.process.args)}
                              for s in started_servers}
         _, peer_env = servers.peer_command(0)
         report["servers"][peer.name]["env"] = peer_env
+        if args.control:
+            report["servers"][CONTROL]["env"] = peer_env
         if args.baseline_h11:
             report["servers"]["truss-llm-h11"]["env"] = H11_ENV
         foreign = servers.ForeignCpu(set().union(*(s.pids() for s in started_servers)))

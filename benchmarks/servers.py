@@ -146,10 +146,10 @@ def stop_process(process: subprocess.Popen, children: list[psutil.Process]) -> N
 
 
 @contextmanager
-def peer_server(log_dir: Path) -> Iterator[ServerProcess]:
+def peer_server(log_dir: Path, name: str = "vllm-serve") -> Iterator[ServerProcess]:
     port = free_port()
     command, env = peer_command(port)
-    with launched("vllm-serve", command, env, port, "/health", log_dir) as server:
+    with launched(name, command, env, port, "/health", log_dir) as server:
         yield server
 
 

@@ -134,6 +134,25 @@ def test_peer_ratios_are_paired_within_a_round() -> None:
     assert summary["per_target"][peer_bench.PEER]["output_tokens_per_s"] == 100
 
 
+def test_the_control_is_paired_with_the_peer_like_ours(tmp_path: Path) -> None:
+    """`--control`: the second `vllm serve` gets per-round ratios to the first, in the
+    summary and the table, so the noise floor sits beside our ratios."""
+    names = [peer_bench.PEER, peer_bench.OURS_SYNC, peer_bench.CONTROL]
+    runs = [{"round": r, "level": 1, "target": name, "result": _level(tps, 0.010)}
+            for r, row in enumerate([(100, 105, 95), (100, 98, 110)])
+            for name, tps in zip(names, row, strict=True)]
+    summary = peer_bench.summarize_level(runs, names)
+    control = summary["ratios"][peer_bench.CONTROL]["output_tokens_per_s"]
+    assert (control["min"], control["max"]) == (pytest.approx(0.95), pytest.approx(1.10))
+    assert peer_bench.PEER not in summary["ratios"]
+    report = {"targets": names, "levels": {"1": summary}, "rounds": 2,
+              "arrivals": "staggered", "environment": {"cpus": 2}}
+    table = peer_bench.markdown_table(report)
+    assert f"| 1 | {peer_bench.CONTROL} |" in table and "**1.02** [0.95..1.10]" in table
+    peer_bench.plot(report, tmp_path / "control.png")
+    assert (tmp_path / "control.png").stat().st_size > 10_000
+
+
 def test_staggered_streams_start_spread_over_one_request(server: Server) -> None:
     """Bursts keep every stream in step; staggered, stream k starts k/N of a request late."""
     async def level(stagger: bool) -> dict:
