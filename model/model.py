@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from truss_llm.anthropic_surface import AnthropicSurface, render_anthropic_error
 from truss_llm.budget import budget_settings
 from truss_llm.engine import Engine, exit_on_engine_death, schedule_exit
-from truss_llm.errors import engine_unavailable
+from truss_llm.errors import engine_unavailable, no_embeddings
 from truss_llm.media.parts import media_policy
 from truss_llm.metrics import register_engine_metrics
 from truss_llm.openai_surface import OpenAISurface, render_baseten_error, render_openai_error
@@ -101,6 +101,12 @@ class Model:
         if self._anthropic is None:
             return render_anthropic_error(_UNLOADED)
         return await self._anthropic.messages(request)
+
+    async def embeddings(self, request: Request) -> Response:
+        """`/v1/embeddings` (truss routes it here): a 404 in OpenAI's shape. Without this
+        method truss answers `{"error": "<a sentence about its own API>"}`, which the
+        OpenAI SDK can only report as "Error code: 404"."""
+        return render_openai_error(no_embeddings())
 
     async def models(self) -> dict[str, Any]:
         """`/v1/models` as `vllm serve` answers it (served by the local runner); empty while

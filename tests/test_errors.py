@@ -110,6 +110,18 @@ def test_sdk_raises_typed_errors(client: OpenAI) -> None:
     assert "at least one message" in bad.value.message
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=USER, max_tokens=4)
+    # A generative model has no embeddings: a 404 that says so, in OpenAI's shape.
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.embeddings.create(model=MODEL_NAME, input="hello")
+    assert "has no embeddings" in missing.value.message
+    assert missing.value.body["type"] == "not_found_error"
+
+
+def test_embeddings_on_the_baseten_path_say_why(http: httpx.Client) -> None:
+    missing = http.post("/environments/production/sync/v1/embeddings",
+                        json={"model": MODEL_NAME, "input": "hello"})
+    assert missing.status_code == 404
+    assert "has no embeddings" in missing.json()["error"]["message"]
 
 
 def test_server_still_serves_after_errors(client: OpenAI, http: httpx.Client) -> None:

@@ -61,6 +61,15 @@ def engine_unavailable(detail: str = "its engine stopped") -> RequestError:
                         retry_after_s=ENGINE_RESTART_RETRY_AFTER_S)
 
 
+def no_embeddings() -> RequestError:
+    """404 for `/v1/embeddings`: this package serves generative models, and `vllm serve`
+    has no embeddings route for one either."""
+    return RequestError("This deployment serves a generative model, which has no "
+                        "embeddings: send text to /v1/chat/completions or /v1/completions, "
+                        "or deploy an embedding model for /v1/embeddings.",
+                        HTTPStatus.NOT_FOUND, param="model")
+
+
 def _error_type(status: int) -> str:
     """OpenAI's error types by status, as its SDK and server spell them."""
     return {
