@@ -172,6 +172,41 @@ def test_messages_forced_tool_use_is_schema_valid(server: Server, prefix: str) -
 
 
 @WAYS_IN
+def test_messages_tool_use_cut_by_max_tokens_is_returned_incomplete(server: Server,
+                                                                    prefix: str) -> None:
+    """The Messages API answers a tool call that max_tokens cut short with an incomplete
+    `tool_use` block and stop_reason `max_tokens` (vLLM's converter failed it with a 400
+    about JSON)."""
+    note = {"type": "object", "properties": {"note": {"type": "string"}},
+            "required": ["note"]}
+    message = anthropic_client(server, prefix).messages.create(
+        model=MODEL_NAME, max_tokens=4, messages=[{"role": "user", "content": QUESTION}],
+        tools=[{"name": "take_note", "input_schema": note}],
+        tool_choice={"type": "tool", "name": "take_note"})
+    assert message.stop_reason == "max_tokens"
+    uses = [block for block in message.content if block.type == "tool_use"]
+    assert [use.name for use in uses] == ["take_note"]
+    assert isinstance(uses[0].input, dict)
+
+
+def test_cut_tool_arguments_keep_what_was_generated() -> None:
+    from truss_llm.anthropic_surface import complete_cut_tool_calls
+    from vllm.entrypoints.generate.base.protocol import FunctionCall, ToolCall
+
+    def call(arguments: str) -> ToolCall:
+        return ToolCall(function=FunctionCall(name="f", arguments=arguments))
+
+    whole = [call('{"city": "Paris"}')]
+    assert complete_cut_tool_calls(whole) is False
+    assert whole[0].function.arguments == '{"city": "Paris"}'
+    cut = [call('{"city": "Paris"}'), call('{"a": 1, "b": [1, 2'), call('{"note": "Par'),
+           call(""), call("[1, 2")]
+    assert complete_cut_tool_calls(cut) is True
+    assert [json.loads(c.function.arguments) for c in cut] == [
+        {"city": "Paris"}, {"a": 1, "b": [1, 2]}, {"note": "Par"}, {}, {}]
+
+
+@WAYS_IN
 @pytest.mark.parametrize("body", [
     {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}]},  # no max_tokens
     {"model": MODEL_NAME, "max_tokens": 0, "messages": [{"role": "user", "content": "hi"}]},

@@ -6,13 +6,17 @@ translates the answer back, streamed events included. It gets the chat route's e
 wrapper, model list and renderer, and the request goes through the chat route's machinery
 (`OpenAISurface.serve`). Errors leave in Anthropic's own shape,
 `{"type": "error", "error": {"type": ..., "message": ...}}`, with the status the
-Anthropic SDK maps to its exception classes.
+Anthropic SDK maps to its exception classes. A tool call that `max_tokens` (or a stop
+sequence) cut short comes back as an incomplete `tool_use` block with that stop reason, as
+the Messages API returns it, rather than failing the answer (`complete_cut_tool_calls`).
 """
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
+import pydantic_core
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -35,6 +39,46 @@ def render_anthropic_error(error: RequestError) -> Response:
     return anthropic_error(error.status, error.message, headers=error.headers)
 
 
+def complete_cut_tool_calls(tool_calls: list[Any]) -> bool:
+    """Make the arguments of tool calls that `max_tokens` or a stop sequence cut short
+    valid JSON again, keeping what was generated; True if any was cut.
+
+    vLLM's Messages converter `json.loads` every call's arguments, so a cut one used to
+    fail the whole answer with a 400 naming a JSON error ("Unterminated string ..."). The
+    Messages API returns such a call as an incomplete `tool_use` block, with the stop
+    reason that cut it, for the client to retry with more room."""
+    cut = False
+    for call in tool_calls:
+        try:
+            json.loads(call.function.arguments)
+        except ValueError:
+            cut = True
+            try:
+                partial = pydantic_core.from_json(call.function.arguments or "{}",
+                                                  allow_partial="trailing-strings")
+            except ValueError:
+                partial = {}
+            call.function.arguments = json.dumps(partial if isinstance(partial, dict) else {})
+    return cut
+
+
+def _messages_serving_class() -> type:
+    from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
+
+    class MessagesServing(AnthropicServingMessages):
+        def messages_full_converter(self, generator: Any) -> Any:
+            choice = generator.choices[0]
+            cut = complete_cut_tool_calls(choice.message.tool_calls)
+            result = super().messages_full_converter(generator)
+            # vLLM takes calls that parse for complete ones, so a call a stop sequence cut
+            # would read `tool_use` (run it): it must read `stop_sequence`.
+            if cut and choice.finish_reason != "length" and isinstance(choice.stop_reason, str):
+                result.stop_reason, result.stop_sequence = "stop_sequence", choice.stop_reason
+            return result
+
+    return MessagesServing
+
+
 class AnthropicSurface:
     """`/v1/messages` over the engine and the serving state of an `OpenAISurface`."""
 
@@ -44,10 +88,8 @@ class AnthropicSurface:
         engine.on_ready(self._build_serving)  # after the surface's own set-up
 
     async def _build_serving(self, client: AsyncLLM) -> None:
-        from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
-
         surface, settings = self._surface, self._surface.settings
-        self._serving = AnthropicServingMessages(
+        self._serving = _messages_serving_class()(
             surface.engine_client, surface.serving_models, settings.response_role,
             online_renderer=surface.renderer,
             request_logger=None,
