@@ -1,4 +1,4 @@
-"""CPU per request of each server's HTTP process, one request at a time: ours against `vllm serve`.
+"""CPU per request and per token of each server's HTTP process: ours against `vllm serve`.
 
     .venv/bin/python benchmarks/request_cpu.py                 # about 9 minutes on 2 cores
 
@@ -38,11 +38,10 @@ RESULTS = loadgen.REPO / "benchmarks" / "results"
 PROMPT_TOKENS = 64
 
 
-
 class Run(NamedTuple):
     max_tokens: int
     concurrency: int
-    requests: int  # per target and round
+    requests: int  # per target and round; one-stream runs take --requests instead
 
 
 WORKLOADS = {"1 token": Run(1, 1, 40), "128 tokens": Run(128, 1, 40),
